@@ -1,0 +1,151 @@
+"""The pipeline: select -> calibrate -> allocate -> project -> replace, returning a `Report`.
+
+`compress` knows no method by name: it asks the registry for the method's options, candidate sizes,
+statistics and projection. Modules are replaced in place.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+
+import torch
+from torch import nn
+
+from . import budget, methods, targeting
+from .calibrate import collect, run_sequential
+from .config import CompressConfig
+from .errors import CalibrationError, ConfigError
+from .methods.base import StructuredLinear
+from .modules import dense_weight, linear_shape, set_submodule
+from .report import LayerRow, Report
+
+
+def layer_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator private to one layer: same seed and name -> same numbers, on every run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+
+
+def relative_errors(weight: torch.Tensor, approx: torch.Tensor, stats) -> tuple[float, float | None]:
+    """(‖W − Ŵ‖/‖W‖, ‖(W − Ŵ)X‖/‖WX‖) with the second from the calibration Gram, in float64."""
+    err = weight - approx
+    werr = (err.norm() / weight.norm().clamp_min(1e-300)).item()
+    if stats is None or stats.gram is None:
+        return werr, None
+    g = stats.gram_mean().to(weight)
+    num = ((err @ g) * err).sum()
+    den = ((weight @ g) * weight).sum().clamp_min(1e-300)
+    return werr, (num.clamp_min(0) / den).sqrt().item()
+
+
+def linear_flops_per_token(model: nn.Module) -> int:
+    """FLOPs per token of every linear layer (structured ones by their own count)."""
+    total = sum(m.flops(1) for m in model.modules() if isinstance(m, StructuredLinear))
+    for m in targeting.linear_modules(model).values():
+        k, n, _ = linear_shape(m)
+        total += budget.dense_flops(k, n)
+    return total
+
+
+def model_size(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) counting tied tensors once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict | None = None,
+             progress: bool = True) -> Report:
+    """Replace the targeted linear layers of `model` in place with `cfg.method` structures.
+
+    calib: an iterable of batches (an `input_ids` tensor, or a dict of model kwargs with `attention_mask`)
+           used to collect input statistics; needed by data-aware projections and for the report's output
+           error. stats: statistics from an earlier `calibrate.collect` on the same dense model (reused
+           instead of a new pass; not allowed in sequential mode).
+    """
+    if not isinstance(cfg, CompressConfig):
+        raise ConfigError(f"cfg must be a structlin.CompressConfig, got {type(cfg).__name__}")
+    t0 = time.perf_counter()
+    method, opts = methods.get(cfg.method), cfg.method_options()
+    targets = targeting.select(model, cfg.targets, cfg.exclude, cfg.layers)
+    shapes = {n: linear_shape(m) for n, m in targets.items()}
+    plan = budget.allocate_uniform(shapes, method, opts, cfg.keep)
+    needs = method.stats_needed(opts)
+    sequential = method.sequential(opts)
+    if needs and calib is None and stats is None:
+        raise CalibrationError(f"method '{cfg.method}' with options {cfg.options} needs calibration data: "
+                               f"pass calib=[batches of input_ids]")
+    if sequential and stats is not None:
+        raise ConfigError("sequential mode calibrates on the compressed model as it goes: pass calib, not stats")
+    if calib is not None or stats is not None:
+        needs = needs | {"gram"}  # the report's output error comes from the Gram at no extra pass
+
+    params_before, _ = model_size(model)
+    flops_before = linear_flops_per_token(model)
+    todo = {n: targets[n] for n in targets if plan.specs[n] is not None}
+    rows: dict[str, LayerRow] = {}
+    tokens = 0
+
+    def replace(name: str, st) -> None:
+        nonlocal tokens
+        module, spec = targets[name], plan.specs[name]
+        w, b = dense_weight(module)
+        w64 = w.detach().to(torch.float64)
+        b64 = None if b is None else b.detach().to(torch.float64)
+        with torch.no_grad():
+            layer = method.project(w64, b64, spec, st, opts, layer_generator(cfg.seed, name))
+            werr, oerr = relative_errors(w64, layer.to_dense().to(torch.float64), st)
+        layer = layer.to(dtype=w.dtype, device=w.device).train(module.training)
+        layer.requires_grad_(w.requires_grad)
+        set_submodule(model, name, layer)
+        tokens = max(tokens, st.tokens if st is not None else 0)
+        k, n, _ = shapes[name]
+        rows[name] = LayerRow(name, k, n, f"{cfg.method} " + spec_summary(spec),
+                              budget.dense_params(*shapes[name]), method.spec_params(spec),
+                              method.spec_flops(spec), werr, oerr)
+
+    if sequential:
+        calib = list(calib)
+
+        def on_block(_, block_stats):
+            for name, st in block_stats.items():
+                replace(name, st)
+
+        rest = run_sequential(model, todo, calib, needs, on_block, progress=progress)
+        if rest:
+            late = collect(model, {n: targets[n] for n in rest}, calib, needs, progress)
+            for name in rest:
+                replace(name, late[name])
+    else:
+        if stats is None and calib is not None:
+            stats = collect(model, todo, calib, needs, progress)
+        if stats is not None:
+            missing = [n for n in todo if n not in stats]
+            if missing:
+                raise CalibrationError(f"the given stats lack modules {missing[:6]}; collect them with the same "
+                                       f"targets")
+        items = todo
+        if progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(todo, desc=f"projecting ({cfg.method})", leave=False)
+        for name in items:
+            replace(name, None if stats is None else stats[name])
+
+    for name in targets:
+        if name not in rows:
+            k, n, b = shapes[name]
+            rows[name] = LayerRow(name, k, n, "dense", budget.dense_params(k, n, b), budget.dense_params(k, n, b),
+                                  budget.dense_flops(k, n), 0.0, 0.0, note=plan.reasons.get(name, ""))
+    params_after, bytes_after = model_size(model)
+    history = getattr(model, "structlin_history", [])
+    history.append(cfg.to_dict())
+    model.structlin_history = history
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return Report(method=cfg.method, keep=cfg.keep, rows=[rows[n] for n in targets], budget=plan.budget,
+                  model_params_before=params_before, model_params_after=params_after, bytes_after=bytes_after,
+                  dtype=str(dtype).replace("torch.", ""), linear_flops_before=flops_before,
+                  linear_flops_after=linear_flops_per_token(model), seconds=time.perf_counter() - t0,
+                  calibration_tokens=tokens)
+
+
+def spec_summary(spec) -> str:
+    return " ".join(f"{k}={v}" for k, v in spec.to_dict().items() if k not in ("in_features", "out_features", "bias"))

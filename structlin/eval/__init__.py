@@ -1,0 +1,4 @@
+"""Evaluation: perplexity by a stated protocol (more to come: classification accuracy, lm-eval)."""
+from .perplexity import Perplexity, perplexity
+
+__all__ = ["Perplexity", "perplexity"]
