@@ -127,14 +127,6 @@ def read_meta(path) -> dict:
     return meta
 
 
-def _no_init():
-    for where in ("transformers.initialization", "transformers.modeling_utils"):
-        with contextlib.suppress(Exception):
-            mod = __import__(where, fromlist=["no_init_weights"])
-            return mod.no_init_weights()
-    return contextlib.nullcontext()
-
-
 def _build_base(path: Path, meta: dict, dtype):
     import transformers
 
@@ -149,9 +141,9 @@ def _build_base(path: Path, meta: dict, dtype):
         build = lambda: cls.from_config(config)
     else:
         build = lambda: cls._from_config(config)
-    with _no_init():
-        model = build()
-    return model.to(dtype)
+    # A plain build: skipping initialisation (transformers' no_init_weights) leaves some non-persistent
+    # buffers uninitialised in some architectures, which the weights file cannot repair.
+    return build().to(dtype)
 
 
 def _header(file: Path) -> dict[str, tuple[int, ...]]:
@@ -213,6 +205,14 @@ def from_pretrained(path, *, model: nn.Module | None = None, dtype=None, device=
     except Exception as e:
         raise LoadError(f"{weights} could not be read ({type(e).__name__}: {e}); it is corrupted or "
                         f"truncated") from None
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied aliases (lm_head / embeddings) are saved once
+        loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in header}
+        missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
+    if missing and hasattr(model, "tie_weights"):
+        model.tie_weights()  # tied aliases (lm_head / embeddings) are saved once
+        loaded = {t.data_ptr() for k, t in model.state_dict().items() if k in header}
+        missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
     if missing:
         raise LoadError(f"{weights} lacks tensors the model needs: {sorted(missing)[:6]}")
     if device is not None:
