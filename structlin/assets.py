@@ -45,6 +45,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StructlinError
+
 NAMES = ("smollm2", "minilm", "austen", "pang-lee", "reuters-r8")
 AUSTEN_BOOKS = {  # short name -> R object name in janeaustenr; the other two novels are left alone
     "emma": "emma",
@@ -58,7 +60,7 @@ R8_SPLITS = ("train", "test")
 MANIFEST = "manifest.json"
 
 
-class AssetError(RuntimeError):
+class AssetError(StructlinError, RuntimeError):
     """An offline asset could not be fetched, verified or read; the message says what to do."""
 
 
@@ -199,6 +201,7 @@ def _install(name: str) -> dict:
         for d in tmp.glob(".*"):  # downloads and scratch
             shutil.rmtree(d) if d.is_dir() else d.unlink()
         (tmp / MANIFEST).write_text(json.dumps(man, indent=1) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private
         final = root / name
         if final.exists() and _manifest(name) is None:
             shutil.rmtree(final)  # stale or corrupt copy
@@ -391,6 +394,8 @@ def _build_austen(tmp: Path) -> dict:
         try:
             _run("austen", ["apt-get", "download", "r-cran-janeaustenr"], todo, cwd=dl)
         except AssetError:  # most often: no package lists yet
+            if shutil.which("apt-get") is None:
+                raise
             _run("austen", ["apt-get", "update"], todo)
             _run("austen", ["apt-get", "download", "r-cran-janeaustenr"], todo, cwd=dl)
         debs = sorted(dl.glob("r-cran-janeaustenr_*.deb"))

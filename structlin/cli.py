@@ -1,0 +1,168 @@
+"""`structlin` command line: compress, eval, demo (and dry runs).
+
+Bad arguments and bad input print one line, `structlin: error: ...`, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _options(pairs: list[str]) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"structlin: error: --option expects KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k] = _value(v)
+    return out
+
+
+def _load(model: str, dtype: str = "float32"):
+    """(model, tokenizer) from a structlin directory, an offline asset name or a transformers path."""
+    import torch
+
+    from . import data, io
+
+    dt = getattr(torch, dtype)
+    path = Path(model)
+    if (path / io.META).is_file():
+        from transformers import AutoTokenizer
+
+        m = io.from_pretrained(path, dtype=dt)
+        tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+        return m, tok
+    if path.is_dir() and not (path / "tokenizer_config.json").is_file():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, **{data.dtype_kwarg(): dt}).eval(), None
+    return data.load_model(model, dtype=dt)
+
+
+def cmd_compress(a) -> int:
+    import structlin as sl
+
+    from . import data
+
+    options = _options(a.option)
+    if a.variant:
+        options["variant"] = a.variant
+    if a.sequential:
+        options["sequential"] = True
+    targets = a.targets[0] if a.targets and len(a.targets) == 1 and not a.targets[0].isidentifier() else a.targets
+    cfg = sl.CompressConfig(method=a.method, keep=a.keep, targets=targets or "all-linear", exclude=a.exclude,
+                            layers=a.layers, options=options, seed=a.seed)
+    if not a.dry_run and a.out is None:
+        raise sl.ConfigError("--out DIR is required (or use --dry-run)")
+    if a.out is not None and Path(a.out).exists() and not a.overwrite:
+        raise sl.StructlinError(f"{a.out} already exists; pass --overwrite to replace it")
+    model, tok = _load(a.model, a.dtype)
+    if a.dry_run:
+        print(sl.targeting.format_dry_run(sl.dry_run(model, cfg)))
+        return 0
+    calib = None
+    if not a.no_calib:
+        if tok is None:
+            raise sl.ConfigError(f"{a.model} has no tokenizer for calibration text; use --no-calib")
+        calib = data.texts(a.calib, tok, n=a.calib_n, seq_len=a.seq_len)
+    report = sl.compress(model, cfg, calib=calib)
+    print(report)
+    sl.save_pretrained(model, a.out, tokenizer=tok, overwrite=a.overwrite)
+    (Path(a.out) / "report.md").write_text(report.to_markdown())
+    print(f"saved to {a.out}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from . import data
+    from .eval import perplexity
+
+    model, tok = _load(a.model, a.dtype)
+    if tok is None:
+        raise SystemExit(f"structlin: error: {a.model} has no tokenizer; save it with save_pretrained(..., tokenizer=)")
+    for name in a.text:
+        w = data.token_windows(data.text(name), tok, a.tokens, a.seq_len)
+        print(perplexity(model, w, text=name, progress=True))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    run_demo(out=Path(a.out), calib_n=a.calib_n, eval_tokens=a.eval_tokens, seq_len=a.seq_len,
+             keeps=tuple(a.keep), sequential=not a.no_sequential)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import methods
+
+    p = argparse.ArgumentParser(prog="structlin", description="Structured linear layers for transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and save it",
+                       description="Compress MODEL (a directory, 'smollm2', 'minilm' or a transformers id).")
+    c.add_argument("model")
+    c.add_argument("--method", default="lowrank", choices=methods.available())
+    c.add_argument("--keep", type=float, default=0.5, help="fraction of the targeted linear params kept, in (0, 1]")
+    c.add_argument("--variant", help="lowrank: svd | asvd | whiten")
+    c.add_argument("--sequential", action="store_true", help="calibrate block by block")
+    c.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    c.add_argument("--targets", nargs="+", help="'all-linear' (default), names/suffixes, or one regex")
+    c.add_argument("--exclude", nargs="+")
+    c.add_argument("--layers", nargs="+", type=int, help="transformer block indices")
+    c.add_argument("--calib", default="austen-calib", help="calibration text (default austen-calib)")
+    c.add_argument("--calib-n", type=int, default=32, help="calibration windows")
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--no-calib", action="store_true", help="no calibration data (variant svd only)")
+    c.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", help="output directory")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--dry-run", action="store_true", help="list the modules that would be compressed")
+    c.set_defaults(func=cmd_compress)
+
+    e = sub.add_parser("eval", help="perplexity of a (compressed) causal LM on held-out text")
+    e.add_argument("model")
+    e.add_argument("--text", nargs="+", default=["pride-and-prejudice", "sense-and-sensibility"])
+    e.add_argument("--tokens", type=int, default=8192, help="first N tokens of each text")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="compress SmolLM2 with low-rank variants; write a table and a plot")
+    d.add_argument("--out", default="docs/demo")
+    d.add_argument("--keep", type=float, nargs="+", default=[0.8, 0.6])
+    d.add_argument("--calib-n", type=int, default=16, help="calibration windows of --seq-len tokens")
+    d.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each held-out novel")
+    d.add_argument("--seq-len", type=int, default=512)
+    d.add_argument("--no-sequential", action="store_true", help="skip the sequential-mode rows")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import StructlinError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (StructlinError, FileNotFoundError) as e:
+        print(f"structlin: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # data helpers raise ValueError with a user-facing message
+        print(f"structlin: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
