@@ -6,6 +6,7 @@ rows count. Modules reading the identical input tensor share one `Stats` (their 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable
 
 import torch
@@ -29,10 +30,18 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+POSITIONAL = "__positional__"  # key under which a floating-point batch is passed as the model's first argument
+
+
 def prepare_batch(batch, model: nn.Module, index: int = 0) -> tuple[dict, torch.Tensor | None]:
-    """Validate one calibration batch; return (model kwargs on the model's device, token mask or None)."""
+    """Validate one calibration batch; return (model kwargs on the model's device, token mask or None).
+
+    A batch is an integer `input_ids` tensor, a floating-point tensor (the first positional input of a
+    plain `nn.Module`), or a dict of model keyword arguments.
+    """
     if isinstance(batch, torch.Tensor):
-        batch = {"input_ids": batch}
+        takes_ids = "input_ids" in inspect.signature(model.forward).parameters
+        batch = {POSITIONAL if batch.is_floating_point() and not takes_ids else "input_ids": batch}
     if not isinstance(batch, dict) or not batch:
         raise CalibrationError(f"calibration batch {index} must be an input_ids tensor or a dict of model "
                                f"inputs, got {type(batch).__name__}")
@@ -42,16 +51,17 @@ def prepare_batch(batch, model: nn.Module, index: int = 0) -> tuple[dict, torch.
         if not isinstance(v, torch.Tensor):
             out[key] = v
             continue
+        label = "the input tensor" if key == POSITIONAL else f"'{key}'"
         if v.numel() == 0:
-            raise CalibrationError(f"calibration batch {index}: '{key}' is empty (shape {tuple(v.shape)})")
+            raise CalibrationError(f"calibration batch {index}: {label} is empty (shape {tuple(v.shape)})")
         if key in ("input_ids", "token_type_ids", "position_ids") and (v.is_floating_point() or v.is_complex()):
             raise CalibrationError(f"calibration batch {index}: '{key}' must hold integer token ids, got "
                                    f"{v.dtype}")
         if v.is_floating_point():
             if not torch.isfinite(v).all():
-                raise CalibrationError(f"calibration batch {index}: '{key}' contains NaN or inf")
+                raise CalibrationError(f"calibration batch {index}: {label} contains NaN or inf")
             if key != "attention_mask" and v.dtype != dtype:
-                raise CalibrationError(f"calibration batch {index}: '{key}' is {v.dtype} but the model is "
+                raise CalibrationError(f"calibration batch {index}: {label} is {v.dtype} but the model is "
                                        f"{dtype}; cast the inputs to the model's dtype")
         out[key] = v.to(device)
     if "input_ids" in out and isinstance(out["input_ids"], torch.Tensor) and out["input_ids"].dim() == 1:
@@ -145,8 +155,9 @@ class Collector:
 
 def run_model(model: nn.Module, inputs: dict):
     """Forward without building a KV cache (calibration never decodes)."""
-    import inspect
-
+    if POSITIONAL in inputs:
+        rest = {k: v for k, v in inputs.items() if k != POSITIONAL}
+        return model(inputs[POSITIONAL], **rest)
     if "use_cache" not in inputs and "use_cache" in inspect.signature(model.forward).parameters:
         inputs = {**inputs, "use_cache": False}
     return model(**inputs)

@@ -1,0 +1,143 @@
+"""Triton kernels for SS1 (imported lazily: Triton is optional, and `TRITON_INTERPRET=1` must be set before
+this module is first imported for the interpreter to be used on CPU tensors).
+
+Every table (bucket members, scales, rotations) is a runtime argument: one compiled binary per
+dtype / tile configuration serves every layer. Accumulation is fp32; results are cast to the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sketch_kernel(x_ptr, mem_ptr, coef_ptr, u_ptr, M, KC, D,
+                   sxm, sxk, sum_, suk, BM: tl.constexpr, BB: tl.constexpr):
+    """u[m, b] = Σ_d coef[b, d] · x[m, mem[b, d]]   (mem = -1: empty slot)."""
+    pid_m, pid_b = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rb = pid_b * BB + tl.arange(0, BB)
+    mm, mb = rm < M, rb < KC
+    acc = tl.zeros((BM, BB), dtype=tl.float32)
+    for d in range(0, D):
+        idx = tl.load(mem_ptr + rb * D + d, mask=mb, other=-1)
+        c = tl.load(coef_ptr + rb * D + d, mask=mb, other=0.0)
+        ok = idx >= 0
+        xv = tl.load(x_ptr + rm[:, None] * sxm + tl.where(ok, idx, 0)[None, :] * sxk,
+                     mask=mm[:, None] & (mb & ok)[None, :], other=0.0)
+        acc += xv.to(tl.float32) * c.to(tl.float32)[None, :]
+    tl.store(u_ptr + rm[:, None] * sum_ + rb[None, :] * suk, acc.to(u_ptr.dtype.element_ty),
+             mask=mm[:, None] & mb[None, :])
+
+
+@triton.jit
+def _sketch_t_kernel(g_ptr, bkt_ptr, scale_ptr, gx_ptr, M, K,
+                     sgm, sgb, sxm, sxk, BM: tl.constexpr, BK: tl.constexpr):
+    """gx[m, i] = scale[i] · g[m, bucket[i]]   (the transposed sketch: a gather, no atomics)."""
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    mm, mk = rm < M, rk < K
+    b = tl.load(bkt_ptr + rk, mask=mk, other=0)
+    s = tl.load(scale_ptr + rk, mask=mk, other=0.0)
+    gv = tl.load(g_ptr + rm[:, None] * sgm + b[None, :] * sgb, mask=mm[:, None] & mk[None, :], other=0.0)
+    out = gv.to(tl.float32) * s.to(tl.float32)[None, :]
+    tl.store(gx_ptr + rm[:, None] * sxm + rk[None, :] * sxk, out.to(gx_ptr.dtype.element_ty),
+             mask=mm[:, None] & mk[None, :])
+
+
+@triton.jit
+def _fused_kernel(x_ptr, w_ptr, rot_ptr, b_ptr, y_ptr, M, N, K, G, R, BN_H,
+                  sxm, sxk, swn, swk, srn, srg, src, sym, syn,
+                  HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """y = sketch_nb(x) @ w[nb-block]ᵀ (+ b), the sketch built while loading A tiles.
+
+    For group g and member c the A tile is x[:, (g·R + c)·BK + ((p + rot[nb, g, c]) mod BK)], p ∈ [0, BK),
+    summed over c (fp32), then one BK-deep dot with w[n, g·BK : (g+1)·BK]. rot has stride srn = 0 over
+    the column block for the row-tied scheme. BK is the hash block; BN divides the hash column block BN_H.
+    """
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    mm, mn = rm < M, rn < N
+    nb = (pid_n * BN) // BN_H
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for g in range(0, G):
+        a = tl.zeros((BM, BK), dtype=tl.float32)
+        for c in range(0, R):
+            rot = tl.load(rot_ptr + nb * srn + g * srg + c * src)
+            cols = (g * R + c) * BK + (rk + rot) % BK
+            a += tl.load(x_ptr + rm[:, None] * sxm + cols[None, :] * sxk,
+                         mask=mm[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rn[None, :] * swn + (g * BK + rk)[:, None] * swk, mask=mn[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(a, w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(w.dtype), w)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+_TILES = [triton.Config({"BM": bm, "BB": bb}, num_warps=w) for bm, bb, w in
+          [(16, 128, 4), (32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (128, 64, 4), (32, 256, 4),
+           (256, 64, 8)]]
+# tile choice is cached per (M, K, D) and never changes the result: each output sums its slots in order d
+_sketch_tuned = triton.autotune([triton.Config({"BM": c.kwargs["BM"], "BB": c.kwargs["BB"]}, num_warps=c.num_warps)
+                                 for c in _TILES], key=["M", "KC", "D"])(_sketch_kernel)
+_sketch_t_tuned = triton.autotune([triton.Config({"BM": c.kwargs["BM"], "BK": c.kwargs["BB"]},
+                                                 num_warps=c.num_warps) for c in _TILES],
+                                  key=["M", "K"])(_sketch_t_kernel)
+
+
+def sketch(x, members, coef):
+    M, Kc, D = x.shape[0], members.shape[0], members.shape[1]
+    u = torch.empty(M, Kc, dtype=x.dtype, device=x.device)
+    args = (x, members, coef, u, M, Kc, D, x.stride(0), x.stride(1), u.stride(0), u.stride(1))
+    if x.is_cuda:
+        _sketch_tuned[lambda m: (triton.cdiv(M, m["BM"]), triton.cdiv(Kc, m["BB"]))](*args)
+    else:
+        _sketch_kernel[(triton.cdiv(M, 16), triton.cdiv(Kc, 32))](*args, BM=16, BB=32)
+    return u
+
+
+def sketch_t(g, bucket, scale, K):
+    M = g.shape[0]
+    gx = torch.empty(M, K, dtype=g.dtype, device=g.device)
+    args = (g, bucket, scale, gx, M, K, g.stride(0), g.stride(1), gx.stride(0), gx.stride(1))
+    if g.is_cuda:
+        _sketch_t_tuned[lambda m: (triton.cdiv(M, m["BM"]), triton.cdiv(K, m["BK"]))](*args)
+    else:
+        _sketch_t_kernel[(triton.cdiv(M, 16), triton.cdiv(K, 32))](*args, BM=16, BK=32)
+    return gx
+
+
+def fused(x, weight, rot, bias, bk, bn_h):
+    """rot: (NB or 1, G, r) int32; NB = 1 means the same rotations for every column block."""
+    M, K = x.shape
+    N = weight.shape[0]
+    G, R = rot.shape[1], rot.shape[2]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BM = 128 if M > 64 else max(16, triton.next_power_of_2(M))
+    BN = 128 if rot.shape[0] == 1 else min(128, bn_h & -bn_h)
+    if x.device.type == "cpu":
+        BM, BN = min(BM, 16), min(BN, 16)
+    srn = 0 if rot.shape[0] == 1 else rot.stride(0)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    _fused_kernel[grid](x, weight, rot, bias if bias is not None else weight, y, M, N, K, G, R, bn_h,
+                        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+                        srn, rot.stride(1), rot.stride(2), y.stride(0), y.stride(1),
+                        HAS_BIAS=bias is not None,  # the interpreter mis-handles bf16 dots: fp32 there
+                        IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
+                        BM=BM, BN=BN, BK=bk, GROUP_M=8, num_warps=8 if BM >= 128 else 4, num_stages=3)
+    return y

@@ -1,0 +1,162 @@
+"""SS1 operators: the input sketch, its transpose, and the fused sketch-in-A-load GEMM.
+
+Notation: x is (M × K), a layer has Kc buckets. A sketch is given two ways (both derived from one
+assignment `bucket[i] ∈ [0, Kc)`, `scale[i]` per input feature i):
+
+* gather form (forward):    members (Kc × D) int32, coef (Kc × D); u[m, b] = Σ_d coef[b, d] · x[m, members[b, d]]
+                            (members = -1 marks an empty slot; D = the largest bucket, r for the tied scheme);
+* transposed form (backward): gx[m, i] = scale[i] · g[m, bucket[i]].
+
+So u = x S with S[i, bucket[i]] = scale[i], and ∂L/∂x = (∂L/∂u) Sᵀ — both are gathers: deterministic, no
+atomics. The fused op computes y = sketch_nb(x) W_nbᵀ with a rotation table rot[nb, g, c] (see
+`_ss1_triton._fused_kernel`); its backward materialises the (N × K) virtual weight and uses plain GEMMs.
+
+Every op is a `torch.library` custom op with a fake implementation (so `torch.compile` traces it) and an
+autograd formula. CPU (and CUDA without Triton) runs the torch reference below; CUDA runs Triton.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def triton_module():
+    """The Triton kernels module (imported on first use; set TRITON_INTERPRET=1 before that for CPU)."""
+    return importlib.import_module("structlin.kernels._ss1_triton")
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _HALF else t
+
+
+# ----------------------------------------------------------------------------- torch references
+
+def sketch_ref(x, members, coef):
+    """u (M × Kc) = Σ_d coef[:, d] · x[:, members[:, d]], accumulated in fp32 (fp64 for fp64 x)."""
+    xa = _acc(x)
+    xp = torch.nn.functional.pad(xa, (0, 1))                 # column K is zero: target of empty slots
+    idx = torch.where(members < 0, x.shape[1], members).long()
+    u = torch.zeros(x.shape[0], members.shape[0], dtype=xa.dtype, device=x.device)
+    for d in range(members.shape[1]):
+        u = u + xp[:, idx[:, d]] * coef[:, d].to(xa.dtype)
+    return u.to(x.dtype)
+
+
+def sketch_t_ref(g, bucket, scale, K: int):
+    """gx (M × K) = scale · g[:, bucket]."""
+    return (_acc(g)[:, bucket.long()] * scale.to(_acc(g).dtype)).to(g.dtype)
+
+
+def rotation_index(rot, K: int, bk: int) -> torch.Tensor:
+    """(NB × K) int64: for column block nb, the stored column read by input feature i.
+
+    i = (g·r + c)·bk + j  ->  g·bk + ((j − rot[nb, g, c]) mod bk)."""
+    NB, G, r = rot.shape
+    i = torch.arange(K, device=rot.device)
+    g, c, j = i // (bk * r), (i // bk) % r, i % bk
+    return g * bk + torch.remainder(j - rot[:, g, c].long(), bk)
+
+
+def fused_ref(x, weight, rot, bias, bk: int, bn: int):
+    """y = x Wᵀ + b with W[n, i] = weight[n, rotation_index[n // bn, i]] materialised."""
+    idx = rotation_index(rot, x.shape[1], bk)
+    nb = torch.clamp(torch.arange(weight.shape[0], device=x.device) // bn, max=rot.shape[0] - 1)
+    W = torch.gather(_acc(weight), 1, idx[nb])
+    y = _acc(x) @ W.T
+    if bias is not None:
+        y = y + _acc(bias)
+    return y.to(x.dtype)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and t.is_cuda and t.dtype != torch.float64
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("structlin::ss1_sketch", mutates_args=())
+def ss1_sketch(x: torch.Tensor, members: torch.Tensor, coef: torch.Tensor, bucket: torch.Tensor,
+               scale: torch.Tensor) -> torch.Tensor:
+    """u = x S (M × Kc). bucket/scale are only used by the backward."""
+    if _use_triton(x):
+        return triton_module().sketch(x, members, coef)
+    return sketch_ref(x, members, coef)
+
+
+@ss1_sketch.register_fake
+def _(x, members, coef, bucket, scale):
+    return x.new_empty(x.shape[0], members.shape[0])
+
+
+@torch.library.custom_op("structlin::ss1_sketch_t", mutates_args=())
+def ss1_sketch_t(g: torch.Tensor, members: torch.Tensor, coef: torch.Tensor, bucket: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
+    """gx = g Sᵀ (M × K)."""
+    if _use_triton(g):
+        return triton_module().sketch_t(g, bucket, scale, bucket.shape[0])
+    return sketch_t_ref(g, bucket, scale, bucket.shape[0])
+
+
+@ss1_sketch_t.register_fake
+def _(g, members, coef, bucket, scale):
+    return g.new_empty(g.shape[0], bucket.shape[0])
+
+
+def _tables_ctx(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:])
+
+
+def _sketch_bwd(ctx, grad):
+    members, coef, bucket, scale = ctx.saved_tensors
+    return ss1_sketch_t(grad.contiguous(), members, coef, bucket, scale), None, None, None, None
+
+
+def _sketch_t_bwd(ctx, grad):
+    members, coef, bucket, scale = ctx.saved_tensors
+    return ss1_sketch(grad.contiguous(), members, coef, bucket, scale), None, None, None, None
+
+
+ss1_sketch.register_autograd(_sketch_bwd, setup_context=_tables_ctx)
+ss1_sketch_t.register_autograd(_sketch_t_bwd, setup_context=_tables_ctx)
+
+
+@torch.library.custom_op("structlin::ss1_fused", mutates_args=())
+def ss1_fused(x: torch.Tensor, weight: torch.Tensor, rot: torch.Tensor, bias: torch.Tensor | None,
+              bk: int, bn: int) -> torch.Tensor:
+    """y (M × N) = sketch_nb(x) weight_nbᵀ + bias, one sketch per column block of width bn."""
+    if _use_triton(x) and bk >= 16:
+        return triton_module().fused(x, weight, rot, bias, bk, bn)
+    return fused_ref(x, weight, rot, bias, bk, bn)
+
+
+@ss1_fused.register_fake
+def _(x, weight, rot, bias, bk, bn):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _fused_ctx(ctx, inputs, output):
+    x, weight, rot, bias, bk, bn = inputs
+    ctx.save_for_backward(x, weight, rot)
+    ctx.bk, ctx.bn, ctx.has_bias = bk, bn, bias is not None
+
+
+def _fused_bwd(ctx, gy):
+    """Materialise W (N × K) from the rotation index, then GEMMs; grad_weight = scatter-sum of gyᵀ x."""
+    x, weight, rot = ctx.saved_tensors
+    idx = rotation_index(rot, x.shape[1], ctx.bk)
+    nb = torch.clamp(torch.arange(weight.shape[0], device=x.device) // ctx.bn, max=rot.shape[0] - 1)
+    idx = idx[nb]
+    W = torch.gather(weight, 1, idx)
+    gx = gy @ W
+    gWfull = _acc(gy).T @ _acc(x)
+    gw = torch.zeros(weight.shape, dtype=gWfull.dtype, device=x.device).scatter_add_(1, idx, gWfull)
+    gb = _acc(gy).sum(0).to(gy.dtype) if ctx.has_bias else None
+    return gx, gw.to(weight.dtype), None, gb, None, None
+
+
+ss1_fused.register_autograd(_fused_bwd, setup_context=_fused_ctx)

@@ -1,0 +1,269 @@
+"""SS1 — sketch-structured linear layers (Desai et al., NeurIPS 2024), as y = (x S) W0ᵀ + b.
+
+Shapes: x (M × K), S (K × Kc) with one non-zero per row (input feature i goes to bucket b_i with scale s_i),
+W0 = `weight` (N × Kc), Kc = ceil(K / (bk·r))·bk ≈ K/r. Parameters N·Kc (+N), MACs M·N·Kc. K is
+conceptually padded with zeros to Kp = Kc·r; padded features belong to no stored input.
+
+Schemes (a spec field; `version` 1 for all three):
+
+* ``tied``      the released SS1 kernel's function. Feature i = (g·r + c)·bk + j (group g, member c,
+                offset j) goes to bucket g·bk + ((j − δ_c) mod bk), δ_c = (R0·c·q) mod bk, R0 = 45007,
+                q = rotation quantum 8. (The released hash h = R3 + R2·nb + R1·(g+1) + R0·(c+1) is linear,
+                so R1..R3 and the column block only relabel the stored parameters; see `from_released`.)
+* ``blockwise`` an independent rotation rot[nb, g, c] ∈ q·[0, bk/q) per (column block of width bn, group,
+                member), from a seeded table kept as buffer `rot`: the sketch differs per column block, W is
+                not row-tied. Computed by the fused per-tile kernel.
+* ``table``     any bucket b_i and scale s_i per feature, kept as buffers `bucket` and `scale` (initialised
+                to the tied assignment); same sketch kernels with the table as a runtime argument.
+
+Projection of a dense W (N × K, float64): ``average`` — W0 = W S diag(1/‖S_:b‖²), the Frobenius-optimal
+choice among matrices of the structure (for the tied scheme: the mean of the r tied columns); ``lstsq`` —
+W0 = W C S (Sᵀ C S + λ I)⁻¹ with C = E[x xᵀ], which minimises E‖(W − W0 Sᵀ) x‖²; ``auto`` — lstsq when
+calibration statistics are given, else average.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import choice, option
+from ..errors import ConfigError
+from ..kernels import ss1 as K_ops
+from .base import Method, Spec, StructuredLinear
+
+R0 = 45007            # the released kernel's fixed first hash constant (a prime)
+VERSION = 1
+
+
+@dataclass
+class SS1Options:
+    scheme: str = choice("tied", ("tied", "blockwise", "table"), "how input features share parameters")
+    r: int = option(0, "reduction factor; 0 = derive from keep", low=0, high=1024)
+    bk: int = option(32, "hash block BK_h (multiple of the rotation quantum 8)", low=8, high=4096)
+    bn: int = option(128, "blockwise: column block width of the rotation table", low=16, high=65536)
+    projection: str = choice("auto", ("auto", "average", "lstsq"), "projection of the dense weight")
+    damp: float = option(1e-6, "lstsq ridge, as a fraction of the mean diagonal of Sᵀ C S", low=0.0, high=1.0)
+
+
+@dataclass(frozen=True)
+class SS1Spec(Spec):
+    r: int = 2
+    bk: int = 32
+    bn: int = 128
+    quantum: int = 8
+    seed: int = 1024
+    scheme: str = "tied"
+    version: int = VERSION
+    method = "ss1"
+
+    def __post_init__(self):
+        if self.r < 1 or self.bk % self.quantum or self.scheme not in ("tied", "blockwise", "table"):
+            raise ConfigError(f"invalid SS1 spec {self}")
+        if self.version != VERSION:
+            raise ConfigError(f"SS1 spec version {self.version} is not supported (this structlin: {VERSION})")
+
+    @property
+    def groups(self) -> int:
+        return -(-self.in_features // (self.bk * self.r))
+
+    @property
+    def buckets(self) -> int:
+        """Kc: stored input width (a multiple of bk)."""
+        return self.groups * self.bk
+
+    @property
+    def col_blocks(self) -> int:
+        return -(-self.out_features // self.bn)
+
+
+def tied_rotations(spec: SS1Spec) -> torch.Tensor:
+    """(1, G, r) int32: δ_c = (R0·c·q) mod bk, the same for every group and column block."""
+    c = torch.arange(spec.r, dtype=torch.int64)
+    return ((R0 * c * spec.quantum) % spec.bk).to(torch.int32).expand(spec.groups, -1)[None].contiguous()
+
+
+def blockwise_rotations(spec: SS1Spec) -> torch.Tensor:
+    """(NB, G, r) int32 drawn from a local generator seeded by spec.seed: multiples of q in [0, bk)."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    steps = torch.randint(0, spec.bk // spec.quantum, (spec.col_blocks, spec.groups, spec.r), generator=gen)
+    return (steps * spec.quantum).to(torch.int32)
+
+
+def tied_buckets(spec: SS1Spec) -> torch.Tensor:
+    """(K,) int64 bucket of every input feature under the tied scheme."""
+    return K_ops.rotation_index(tied_rotations(spec), spec.in_features, spec.bk)[0]
+
+
+def gather_form(bucket: torch.Tensor, scale: torch.Tensor, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of an assignment: members (Kc × D) int32 (-1 = empty) and coef (Kc × D), D = largest bucket."""
+    order = torch.argsort(bucket, stable=True)
+    counts = torch.bincount(bucket, minlength=kc)
+    start = torch.cumsum(counts, 0) - counts
+    sb = bucket[order]
+    slot = torch.arange(bucket.numel(), device=bucket.device) - start[sb]
+    D = max(int(counts.max()) if counts.numel() else 1, 1)
+    members = torch.full((kc, D), -1, dtype=torch.int32, device=bucket.device)
+    coef = torch.zeros(kc, D, dtype=scale.dtype, device=bucket.device)
+    members[sb, slot] = order.to(torch.int32)
+    coef[sb, slot] = scale[order]
+    return members, coef
+
+
+class SS1Linear(StructuredLinear):
+    """y = (x S) weightᵀ + bias; weight (N × Kc). See the module docstring for S per scheme."""
+
+    spec_class = SS1Spec
+
+    def __init__(self, spec: SS1Spec, dtype=None, device=None):
+        super().__init__(spec)
+        self.weight = nn.Parameter(torch.empty(spec.out_features, spec.buckets, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=dtype, device=device)) if spec.bias else None
+        with torch.no_grad():  # fan-in of the virtual matrix; projection or loading overwrites it
+            bound = spec.in_features ** -0.5
+            self.weight.uniform_(-bound, bound, generator=torch.Generator(device=self.weight.device)
+                                 .manual_seed(spec.seed))
+        if spec.scheme == "blockwise":
+            self.register_buffer("rot", blockwise_rotations(spec).to(device))
+            return
+        persistent = spec.scheme == "table"
+        self.register_buffer("bucket", tied_buckets(spec).to(torch.int32).to(device), persistent=persistent)
+        self.register_buffer("scale", torch.ones(spec.in_features, dtype=dtype, device=device),
+                             persistent=persistent)
+        self.register_buffer("members", None, persistent=False)
+        self.register_buffer("coef", None, persistent=False)
+        self.refresh()
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+
+    def refresh(self) -> None:
+        """Rebuild the gather form (members, coef) from bucket/scale; call after editing the table."""
+        if self.spec.scheme != "blockwise":
+            self.members, self.coef = gather_form(self.bucket.long(), self.scale, self.spec.buckets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, lead = self.spec, x.shape[:-1]
+        x2 = x.reshape(-1, s.in_features)
+        if s.scheme == "blockwise":
+            y = K_ops.ss1_fused(x2.contiguous(), self.weight, self.rot, self.bias, s.bk, s.bn)
+        else:
+            u = K_ops.ss1_sketch(x2.contiguous(), self.members, self.coef, self.bucket, self.scale)
+            y = F.linear(u, self.weight, self.bias)
+        return y.reshape(*lead, s.out_features)
+
+    def virtual_index(self) -> torch.Tensor:
+        """(N × K) int64: the stored column of `weight` that each entry of the virtual W reads."""
+        s = self.spec
+        if s.scheme == "blockwise":
+            nb = torch.arange(s.out_features, device=self.rot.device) // s.bn
+            return K_ops.rotation_index(self.rot, s.in_features, s.bk)[nb]
+        return self.bucket.long()[None].expand(s.out_features, -1)
+
+    def to_dense(self) -> torch.Tensor:
+        W = torch.gather(self.weight, 1, self.virtual_index())
+        return W if self.spec.scheme == "blockwise" else W * self.scale.to(W.dtype)
+
+    def flops(self, tokens: int = 1) -> int:
+        return 2 * tokens * self.spec.out_features * self.spec.buckets
+
+
+# ----------------------------------------------------------------------------- projection
+
+def _bucket_sums(A: torch.Tensor, bucket: torch.Tensor, scale: torch.Tensor, kc: int) -> torch.Tensor:
+    """A S for A (· × K): column i of A added, times scale_i, into column bucket_i."""
+    out = torch.zeros(A.shape[0], kc, dtype=A.dtype, device=A.device)
+    return out.index_add_(1, bucket, A * scale)
+
+
+def project_columns(W, bucket, scale, kc, gram=None, damp=1e-6):
+    """W0 (N × Kc) for the one-sketch form W ≈ W0 Sᵀ: averaging (gram None) or ridge least squares."""
+    scale = scale.to(W)
+    if gram is None:
+        norm = torch.zeros(kc, dtype=W.dtype, device=W.device).index_add_(0, bucket, scale * scale)
+        return _bucket_sums(W, bucket, scale, kc) / torch.where(norm > 0, norm, 1.0)
+    C = gram.to(W)
+    StCS = _bucket_sums(_bucket_sums(C, bucket, scale, kc).T.contiguous(), bucket, scale, kc)  # Sᵀ C S
+    lam = damp * StCS.diagonal().mean().clamp_min(1e-300)
+    A = StCS + lam * torch.eye(kc, dtype=W.dtype, device=W.device)
+    B = _bucket_sums(W @ C, bucket, scale, kc)                                                # W C S
+    return torch.linalg.solve(A, B.T).T
+
+
+def from_released(weight: torch.Tensor, spec: SS1Spec, bn: int) -> torch.Tensor:
+    """Our `weight` (bucket order) from a released SSL weight (N × Kc) with seed spec.seed and column block bn.
+
+    Released: W[(g·r+c)·bk + j, n] = w[n, g·bk + ((j − s(nb, g, c)) mod bk)], s = (h·q) mod bk,
+    h = R3 + R2·nb + R1·(g+1) + R0·(c+1), R1..R3 drawn from a local generator seeded with spec.seed. Ours:
+    W0[n, g·bk + t] = w[n, g·bk + ((t − s(nb, g, 0)) mod bk)]."""
+    R1, R2, R3 = released_hash(spec.seed)
+    n = torch.arange(spec.out_features)
+    g = torch.arange(spec.groups)
+    h = R3 + R2 * (n // bn)[:, None] + R1 * (g + 1)[None, :] + R0                 # (N, G), c = 0
+    s0 = (h * spec.quantum) % spec.bk
+    t = torch.arange(spec.bk)
+    idx = g[None, :, None] * spec.bk + torch.remainder(t[None, None, :] - s0[:, :, None], spec.bk)
+    return torch.gather(weight, 1, idx.reshape(spec.out_features, -1).to(weight.device))
+
+
+def released_hash(seed: int) -> tuple[int, int, int]:
+    """(R1, R2, R3) uniform in [0, R0) from a local generator (the released code reseeds the global RNG)."""
+    return tuple(int(v) for v in torch.randint(0, R0, (3,), generator=torch.Generator().manual_seed(seed)))
+
+
+class SS1(Method):
+    name = "ss1"
+    Options = SS1Options
+    Spec = SS1Spec
+    Layer = SS1Linear
+
+    def stats_needed(self, opts) -> set[str]:
+        # "auto" uses the Gram when compress collects one (it always does when calib is given).
+        return {"gram"} if opts.projection == "lstsq" else set()
+
+    def candidates(self, in_features, out_features, bias, opts):
+        rs = [opts.r] if opts.r > 0 else [16, 12, 8, 6, 5, 4, 3, 2]
+        dense = in_features * out_features + out_features * bias
+        out = []
+        for r in rs:
+            spec = SS1Spec(in_features, out_features, bias, r=r, bk=opts.bk, bn=opts.bn, scheme=opts.scheme)
+            if self.spec_params(spec) < dense and (not out or self.spec_params(spec) > self.spec_params(out[-1])):
+                out.append(spec)
+        return out
+
+    def spec_params(self, spec):
+        return spec.out_features * spec.buckets + spec.out_features * spec.bias
+
+    def spec_flops(self, spec, tokens=1):
+        return 2 * tokens * spec.out_features * spec.buckets
+
+    def project(self, weight, bias, spec, stats, opts, generator):
+        if spec.scheme == "blockwise":
+            spec = dataclasses.replace(spec, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        use_gram = opts.projection == "lstsq" or (opts.projection == "auto" and stats is not None
+                                                   and getattr(stats, "gram", None) is not None)
+        gram = stats.gram_mean() if use_gram else None
+        layer = SS1Linear(spec, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            kc = spec.buckets
+            if spec.scheme == "blockwise":
+                idx = K_ops.rotation_index(layer.rot, spec.in_features, spec.bk)
+                one = torch.ones(spec.in_features, dtype=weight.dtype, device=weight.device)
+                for nb in range(spec.col_blocks):
+                    rows = slice(nb * spec.bn, (nb + 1) * spec.bn)
+                    layer.weight[rows] = project_columns(weight[rows], idx[nb], one, kc, gram, opts.damp)
+            else:
+                layer.weight.copy_(project_columns(weight, layer.bucket.long(), layer.scale, kc, gram, opts.damp))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+
+def _register():
+    from . import _REGISTRY, register
+    if SS1.name not in _REGISTRY:
+        register(SS1())
+
+
+_register()
