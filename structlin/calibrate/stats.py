@@ -34,8 +34,10 @@ class Stats:
                                    f"calibration; check the calibration data and the model's dtype")
         x64 = x.to(torch.float64)
         if "gram" in self.needs:
-            g = x64.T @ x64
-            self.gram = g if self.gram is None else self.gram.add_(g)
+            if self.gram is None:
+                self.gram = x64.T @ x64
+            else:
+                self.gram.addmm_(x64.T, x64)
         if "absmean" in self.needs:
             a = x64.abs().sum(0)
             self.abs_sum = a if self.abs_sum is None else self.abs_sum.add_(a)
@@ -66,16 +68,12 @@ class Stats:
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        t = torch.tensor([float(self.tokens)], dtype=torch.float64,
-                         device=self.gram.device if self.gram is not None else "cpu")
-        for name in ("gram", "abs_sum"):
-            v = getattr(self, name)
-            if v is not None:
-                dist.all_reduce(v)
-        if self.gram is not None or self.abs_sum is not None:
-            t = t.to((self.gram if self.gram is not None else self.abs_sum).device)
-        dist.all_reduce(t)
-        self.tokens = int(t.item())
+        held = [v for v in (self.gram, self.abs_sum) if v is not None]
+        device = held[0].device if held else torch.device("cpu")
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)
+        for v in held + [tokens]:
+            dist.all_reduce(v)
+        self.tokens = int(tokens.item())
 
     def to(self, device) -> "Stats":
         for name in ("gram", "abs_sum"):
