@@ -99,7 +99,7 @@ def cmd_demo(a) -> int:
     from .demo import run_demo
 
     run_demo(out=Path(a.out), calib_n=a.calib_n, eval_tokens=a.eval_tokens, seq_len=a.seq_len,
-             keeps=tuple(a.keep), sequential=not a.no_sequential)
+             keeps=tuple(a.keep), sequential=not a.no_sequential, dtype=a.dtype)
     return 0
 
 
@@ -142,8 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compress SmolLM2 with low-rank variants; write a table and a plot")
     d.add_argument("--out", default="docs/demo")
     d.add_argument("--keep", type=float, nargs="+", default=[0.8, 0.6])
-    d.add_argument("--calib-n", type=int, default=16, help="calibration windows of --seq-len tokens")
-    d.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each held-out novel")
+    d.add_argument("--calib-n", type=int, default=32, help="calibration windows of --seq-len tokens")
+    d.add_argument("--eval-tokens", type=int, default=8192, help="tokens of each held-out novel")
+    d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="CPU compute dtype (auto: bfloat16 where the CPU is fast at it)")
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--no-sequential", action="store_true", help="skip the sequential-mode rows")
     d.set_defaults(func=cmd_demo)

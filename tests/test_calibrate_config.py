@@ -91,3 +91,14 @@ def test_config_json_round_trip_and_validation():
         sl.CompressConfig(layers=[-1])
     with pytest.raises(ConfigError, match="unknown CompressConfig field"):
         sl.CompressConfig.from_dict({"method": "lowrank", "ratio": 0.5})
+
+
+def test_half_precision_gram_matches_float64_of_the_same_values():
+    from structlin.calibrate.stats import Stats
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5000, 96, generator=g) * torch.logspace(0, -2, 96)).to(torch.bfloat16)
+    s = Stats("m", 96, {"gram"})
+    s.update(x)
+    exact = x.double().T @ x.double()
+    assert ((s.gram - exact).abs().max() / exact.abs().max()).item() < 1e-6
