@@ -6,6 +6,7 @@ statistics and projection. Modules are replaced in place.
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 
 import torch
@@ -83,6 +84,7 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
     todo = {n: targets[n] for n in targets if plan.specs[n] is not None}
     rows: dict[str, LayerRow] = {}
     tokens = 0
+    starved: list[str] = []  # layers that saw fewer calibration tokens than input features
 
     def replace(name: str, st) -> None:
         nonlocal tokens
@@ -98,6 +100,8 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
         set_submodule(model, name, layer)
         tokens = max(tokens, st.tokens if st is not None else 0)
         k, n, _ = shapes[name]
+        if st is not None and st.tokens < k:
+            starved.append(name)
         rows[name] = LayerRow(name, k, n, f"{cfg.method} " + spec_summary(spec),
                               budget.dense_params(*shapes[name]), method.spec_params(spec),
                               method.spec_flops(spec), werr, oerr)
@@ -135,6 +139,12 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
             k, n, b = shapes[name]
             rows[name] = LayerRow(name, k, n, "dense", budget.dense_params(k, n, b), budget.dense_params(k, n, b),
                                   budget.dense_flops(k, n), 0.0, 0.0, note=plan.reasons.get(name, ""))
+    if starved:
+        warnings.warn(f"{len(starved)} layer(s) saw fewer calibration tokens ({tokens}) than input features, so "
+                      f"their input Gram is rank-deficient and data-aware projection may overfit the calibration "
+                      f"data (e.g. {starved[0]}); pass more calibration tokens", stacklevel=2)
+        for name in starved:
+            rows[name].note = "few calibration tokens"
     params_after, bytes_after = model_size(model)
     history = getattr(model, "structlin_history", [])
     history.append(cfg.to_dict())

@@ -102,3 +102,11 @@ def test_half_precision_gram_matches_float64_of_the_same_values():
     s.update(x)
     exact = x.double().T @ x.double()
     assert ((s.gram - exact).abs().max() / exact.abs().max()).item() < 1e-6
+
+
+def test_too_few_calibration_tokens_warns_and_is_reported():
+    m = tiny_llama()
+    few = [{"input_ids": torch.randint(0, 96, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}]
+    with pytest.warns(UserWarning, match="fewer calibration tokens .8. than input features"):
+        rep = sl.compress(m, sl.CompressConfig(keep=0.5, options={"variant": "whiten"}), calib=few, progress=False)
+    assert all(r.note == "few calibration tokens" for r in rep.rows if r.structure != "dense")
