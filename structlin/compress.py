@@ -48,19 +48,26 @@ def linear_flops_per_token(model: nn.Module) -> int:
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
-    """(parameters, bytes) counting tied tensors once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+    """(stored values, bytes) counting tied tensors once; structured layers' stored buffers (e.g. ESPACE's
+    projection P) count as their `num_params` says."""
+    tensors = {id(p): p for p in model.parameters()}
+    for m in model.modules():
+        if isinstance(m, StructuredLinear):
+            extra = m.num_params() - sum(p.numel() for p in m.parameters())
+            if extra:
+                tensors.update({id(b): b for b in m.buffers(recurse=False)})
+    return sum(t.numel() for t in tensors.values()), sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict | None = None,
-             progress: bool = True) -> Report:
+             loss_fn=None, progress: bool = True) -> Report:
     """Replace the targeted linear layers of `model` in place with `cfg.method` structures.
 
     calib: an iterable of batches (an `input_ids` tensor, or a dict of model kwargs with `attention_mask`)
            used to collect input statistics; needed by data-aware projections and for the report's output
            error. stats: statistics from an earlier `calibrate.collect` on the same dense model (reused
-           instead of a new pass; not allowed in sequential mode).
+           instead of a new pass; not allowed in sequential mode). loss_fn: `loss_fn(outputs, batch)` for
+           methods whose statistics need gradients (ESPACE `nl`) on models without a built-in loss.
     """
     if not isinstance(cfg, CompressConfig):
         raise ConfigError(f"cfg must be a structlin.CompressConfig, got {type(cfg).__name__}")
@@ -120,7 +127,7 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
                 replace(name, late[name])
     else:
         if stats is None and calib is not None:
-            stats = collect(model, todo, calib, needs, progress)
+            stats = method.collect(model, todo, calib, opts, progress=progress, loss_fn=loss_fn)
         if stats is not None:
             missing = [n for n in todo if n not in stats]
             if missing:

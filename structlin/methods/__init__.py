@@ -37,6 +37,6 @@ def for_layer(layer: StructuredLinear) -> Method:
     raise ConfigError(f"{type(layer).__name__} is not a registered structured layer")
 
 
-from . import lowrank, ss1  # noqa: E402,F401  (each registers itself)
+from . import espace, lowrank, ss1  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["Method", "Spec", "StructuredLinear", "register", "available", "get", "for_layer"]

@@ -58,7 +58,8 @@ class StructuredLinear(nn.Module):
         raise NotImplementedError
 
     def num_params(self) -> int:
-        """Number of stored parameter values (bias included)."""
+        """Stored floating-point values that define the function: parameters (bias included) and saved
+        floating buffers (e.g. a frozen projection); integer index tables are not counted."""
         return sum(p.numel() for p in self.parameters())
 
     def flops(self, tokens: int = 1) -> int:
@@ -87,6 +88,13 @@ class Method:
     def stats_needed(self, opts) -> set[str]:
         """Calibration statistics the projection uses: subset of {"gram", "absmean"}."""
         return set()
+
+    def collect(self, model, modules, batches, opts, progress: bool = True, loss_fn=None) -> dict:
+        """Calibration statistics for `modules` (name -> Stats). The default collects the input Gram and
+        whatever `stats_needed` asks for in one forward pass; a method needing more overrides this."""
+        from ..calibrate import collect
+
+        return collect(model, modules, batches, self.stats_needed(opts) | {"gram"}, progress)
 
     def sequential(self, opts) -> bool:
         """Whether to calibrate block by block on the outputs of already-compressed blocks."""
