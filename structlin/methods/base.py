@@ -104,6 +104,20 @@ class Method:
         """Specs this method can build for a layer, in increasing size, each smaller than dense."""
         raise NotImplementedError
 
+    def rank_ladder(self, make_spec, in_features: int, out_features: int, bias: bool) -> list[Spec]:
+        """`make_spec(rank)` for rank = q, 2q, … (q the tile quantum) while smaller than the dense layer."""
+        from ..budget import dense_params, tile_quantum
+
+        q, out = tile_quantum(in_features, out_features), []
+        rank = q
+        while rank < min(in_features, out_features):
+            spec = make_spec(rank)
+            if self.spec_params(spec) >= dense_params(in_features, out_features, bias):
+                break
+            out.append(spec)
+            rank += q
+        return out
+
     def spec_params(self, spec: Spec) -> int:
         """Parameters a layer of this spec stores (without building it)."""
         raise NotImplementedError

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..budget import tile_quantum
 from ..calibrate.collect import model_device, prepare_batch, run_model
 from ..calibrate.stats import Stats
 from ..config import choice, option
@@ -512,15 +511,8 @@ class Espace(Method):
         return collect(model, modules, batches, opts, loss_fn=loss_fn, progress=progress)
 
     def candidates(self, in_features, out_features, bias, opts):
-        q = tile_quantum(in_features, out_features)
-        out, rank = [], q
-        while rank < min(in_features, out_features):
-            spec = EspaceSpec(in_features, out_features, bias, rank)
-            if self.spec_params(spec) >= in_features * out_features + out_features * bias:
-                break
-            out.append(spec)
-            rank += q
-        return out
+        return self.rank_ladder(lambda k: EspaceSpec(in_features, out_features, bias, k),
+                                in_features, out_features, bias)
 
     def spec_params(self, spec):
         """L·K for P (charged to this layer) + L·N for B + N for the bias."""

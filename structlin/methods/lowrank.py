@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..budget import tile_quantum
 from ..config import choice, option
 from ..errors import CalibrationError
 from . import register
@@ -114,15 +113,8 @@ class LowRank(Method):
         return {"svd": set(), "asvd": {"absmean"}, "whiten": {"gram"}}[opts.variant]
 
     def candidates(self, in_features, out_features, bias, opts):
-        q = tile_quantum(in_features, out_features)
-        out, rank = [], q
-        while rank <= min(in_features, out_features):
-            spec = LowRankSpec(in_features, out_features, bias, rank)
-            if self.spec_params(spec) >= in_features * out_features + out_features * bias:
-                break
-            out.append(spec)
-            rank += q
-        return out
+        return self.rank_ladder(lambda k: LowRankSpec(in_features, out_features, bias, k),
+                                in_features, out_features, bias)
 
     def spec_params(self, spec):
         return spec.rank * (spec.in_features + spec.out_features) + spec.out_features * spec.bias

@@ -20,6 +20,24 @@ Projection of a dense W (N × K, float64): ``average`` — W0 = W S diag(1/‖S_
 choice among matrices of the structure (for the tied scheme: the mean of the r tied columns); ``lstsq`` —
 W0 = W C S (Sᵀ C S + λ I)⁻¹ with C = E[x xᵀ], which minimises E‖(W − W0 Sᵀ) x‖²; ``auto`` — lstsq when
 calibration statistics are given, else average.
+
+Execution paths (``SS1Linear.forward``; the one taken is recorded in ``layer.last_path``, and
+``layer.choose_path(x)`` says which one a call would take; set ``layer.force_path`` to override):
+
+* ``sketch``  tied scheme: the tied sketch kernel (contiguous rotated runs, vectorised) + cuBLAS GEMM of depth
+              Kc; backward = the transposed tied sketch + two cuBLAS GEMMs of depth Kc. Training always runs it.
+* ``decode``  tied, inference, M ≤ 16 on CUDA: one Triton launch, the sketch folded into the A-operand load.
+* ``dense``   inference (no gradient wanted for weight/bias) where SS1 would be slower than dense: a cuBLAS GEMM
+              with the merged weight W = W0 Sᵀ (N × K), materialised once per (device, dtype) and rebuilt
+              when weight/bucket/scale change (keyed on their `_version` and storage). Costs N·K extra memory
+              while cached; `layer.clear_merged()` drops it.
+* ``gather``  table scheme (or tied with r > 16): the generic gather-form sketch + cuBLAS GEMM.
+* ``fused``   blockwise scheme: the per-column-block fused Triton GEMM.
+
+The rule (`path_rule`): on CUDA, for inference, the cheapest of the available paths by a roofline cost model
+(`cost_ms`) whose constants were fitted to the H100 table in docs/benchmarks/ss1.md; table and blockwise
+inference always take ``dense`` there (their kernels are slower than dense at every measured shape). On CPU:
+the sketch path (torch reference ops), never dense.
 """
 from __future__ import annotations
 
@@ -120,6 +138,9 @@ class SS1Linear(StructuredLinear):
 
     def __init__(self, spec: SS1Spec, dtype=None, device=None):
         super().__init__(spec)
+        self.force_path: str | None = None   # None = path_rule; else one of PATHS
+        self.last_path: str | None = None
+        self._merged: dict = {}
         self.weight = nn.Parameter(torch.empty(spec.out_features, spec.buckets, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=dtype, device=device)) if spec.bias else None
         with torch.no_grad():  # fan-in of the virtual matrix; projection or loading overwrites it
@@ -129,6 +150,10 @@ class SS1Linear(StructuredLinear):
         if spec.scheme == "blockwise":
             self.register_buffer("rot", blockwise_rotations(spec).to(device))
             return
+        if spec.scheme == "tied":
+            c = torch.arange(spec.r, dtype=torch.int64)
+            self.register_buffer("rot_tied", ((R0 * c * spec.quantum) % spec.bk).to(torch.int32).to(device),
+                                 persistent=False)
         persistent = spec.scheme == "table"
         self.register_buffer("bucket", tied_buckets(spec).to(torch.int32).to(device), persistent=persistent)
         self.register_buffer("scale", torch.ones(spec.in_features, dtype=dtype, device=device),
@@ -146,12 +171,56 @@ class SS1Linear(StructuredLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s, lead = self.spec, x.shape[:-1]
         x2 = x.reshape(-1, s.in_features)
-        if s.scheme == "blockwise":
+        path = self.choose_path(x2)
+        self.last_path = path
+        if path == "dense":
+            y = F.linear(x2, self.merged_weight(x2.device, x2.dtype), self.bias)
+        elif path == "decode":
+            y = K_ops.ss1_tied_decode(x2.contiguous(), self.rot_tied, self.weight, self.bias, s.bk)
+        elif path == "sketch":
+            u = K_ops.ss1_tied_sketch(x2.contiguous(), self.rot_tied, s.bk, s.buckets)
+            y = F.linear(u, self.weight, self.bias)
+        elif path == "fused":
             y = K_ops.ss1_fused(x2.contiguous(), self.weight, self.rot, self.bias, s.bk, s.bn)
         else:
             u = K_ops.ss1_sketch(x2.contiguous(), self.members, self.coef, self.bucket, self.scale)
             y = F.linear(u, self.weight, self.bias)
         return y.reshape(*lead, s.out_features)
+
+    def choose_path(self, x2: torch.Tensor) -> str:
+        """The path forward takes for a (M × K) input under the current grad mode (see the module docstring)."""
+        if self.force_path is not None:
+            return self.force_path
+        params = [self.weight] + ([self.bias] if self.bias is not None else [])
+        grad = torch.is_grad_enabled()
+        return path_rule(self.spec, x2.shape[0], x2.is_cuda,
+                         weight_grad=grad and any(p.requires_grad for p in params),
+                         any_grad=grad and (x2.requires_grad or any(p.requires_grad for p in params)))
+
+    def _merged_key(self):
+        ts = [self.weight] + [getattr(self, n) for n in ("bucket", "scale", "rot") if getattr(self, n, None)
+                              is not None]
+        return tuple((t.data_ptr(), t._version) for t in ts)
+
+    @torch.compiler.disable
+    def merged_weight(self, device, dtype) -> torch.Tensor:
+        """W = W0 Sᵀ (N × K) in (device, dtype), cached; rebuilt when weight/bucket/scale/rot change."""
+        key, ver = (torch.device(device), dtype), self._merged_key()
+        hit = self._merged.get(key)
+        if hit is None or hit[0] != ver:
+            with torch.no_grad():
+                if self.spec.scheme == "blockwise":
+                    W = self.to_dense()
+                else:
+                    W = self.weight.index_select(1, self.bucket.long())
+                    if self.spec.scheme == "table":
+                        W = W * self.scale.to(W.dtype)
+                W = W.to(device=device, dtype=dtype).contiguous()
+            self._merged[key] = hit = (ver, W)
+        return hit[1]
+
+    def clear_merged(self) -> None:
+        self._merged.clear()
 
     def virtual_index(self) -> torch.Tensor:
         """(N × K) int64: the stored column of `weight` that each entry of the virtual W reads."""
@@ -167,6 +236,41 @@ class SS1Linear(StructuredLinear):
 
     def flops(self, tokens: int = 1) -> int:
         return 2 * tokens * self.spec.out_features * self.spec.buckets
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+PATHS = ("sketch", "decode", "dense", "gather", "fused")
+
+# Roofline cost model (ms) fitted to the H100 bf16 table (docs/benchmarks/ss1.md): effective matmul rate,
+# effective streaming bandwidth for GEMM operands and for the sketch kernels, and a fixed cost per launch
+# (as seen under CUDA graphs / do_bench). The rule only compares paths, so the constants need be right
+# in ratio, not in absolute terms.
+COST = dict(flops=650e12, gemm_bw=2.4e12, sketch_bw=2.4e12, decode_bw=2.0e12, launch=5e-3, sketch_launch=3e-3)
+
+
+def cost_ms(path: str, M: int, K: int, N: int, kc: int, c=COST) -> float:
+    gemm = lambda k: max(2 * M * N * k / c["flops"], 2 * (M * k + N * k + M * N) / c["gemm_bw"]) * 1e3
+    if path == "dense":
+        return gemm(K) + c["launch"]
+    if path == "sketch":
+        return gemm(kc) + c["launch"] + 2 * (M * K + M * kc) / c["sketch_bw"] * 1e3 + c["sketch_launch"]
+    if path == "decode":
+        return 2 * (N * kc + M * K + M * N) / c["decode_bw"] * 1e3 + c["launch"]
+    return float("inf")
+
+
+def path_rule(spec: SS1Spec, M: int, cuda: bool, weight_grad: bool, any_grad: bool) -> str:
+    """Which path a call takes: see the module docstring. Pure function of (spec, M, device, grad needs)."""
+    own = {"tied": "sketch" if spec.r <= K_ops.TIED_MAX_R else "gather", "table": "gather",
+           "blockwise": "fused"}[spec.scheme]
+    if not cuda or weight_grad:
+        return own
+    if own != "sketch":
+        return "dense"
+    K, N, kc = spec.in_features, spec.out_features, spec.buckets
+    cands = ["sketch", "dense"] + (["decode"] if M <= 16 and not any_grad else [])
+    return min(cands, key=lambda p: cost_ms(p, M, K, N, kc))
 
 
 # ----------------------------------------------------------------------------- projection
