@@ -1,11 +1,12 @@
-"""SS1 layer benchmark: cuBLAS dense vs SS1 (sketch + cuBLAS GEMM, and the fused sketch-in-A-load kernel) vs
-the ideal (a cuBLAS GEMM of depth K/r), bf16, forward and forward+backward, timed side by side in one run.
+"""SS1 layer benchmark: cuBLAS dense vs the SS1 layer as dispatched (and each of its paths forced) vs the ideal
+(a cuBLAS GEMM of depth K/r), bf16, forward and forward+backward, timed side by side in one run.
 
     python benchmarks/ss1_layer.py --out DIR      # writes DIR/ss1.md, DIR/ss1.png, DIR/ss1.json
 
-Medians of `triton.testing.do_bench` (L2 flushed before every call); M ≤ 16 runs under CUDA graphs.
-Correctness of every configuration: relative error of the bf16 forward (first 64 rows) against a float64
-reference, and of both gradients at M = 256, printed beside the timing. `--smoke` runs tiny shapes on CPU.
+Medians of `triton.testing.do_bench` (L2 flushed before every call) of CUDA-graph replays (GPU time); an
+`eager` column per row keeps the host's launch overhead in.
+Correctness of every configuration: relative error of each path's bf16 forward against a float64 reference,
+and of both gradients at M = 256, printed beside the timing. `--smoke` runs tiny shapes on CPU.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def timer(fn, cuda: bool, graph: bool) -> float:
         with torch.cuda.graph(g):
             fn()
         fn = g.replay
-    return do_bench(fn, warmup=10, rep=40, return_mode="median")
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
 def rel(a, b) -> float:
@@ -67,7 +68,7 @@ def fwd_bwd(f, inputs, gy):
     return run
 
 
-def bench_shape(name, K, N, args, dev, dtype, rows, log):
+def bench_shape(name, K, N, args, dev, dtype, rows, log, gbs):
     gen = torch.Generator(device=dev).manual_seed(0)
     Wd = (torch.randn(N, K, device=dev, dtype=dtype, generator=gen) * K ** -0.5).requires_grad_()
     layers = {}
@@ -75,48 +76,71 @@ def bench_shape(name, K, N, args, dev, dtype, rows, log):
         L = ss1.SS1Linear(ss1.SS1Spec(K, N, False, r=r), dtype=dtype, device=dev)
         L.weight.requires_grad_()
         layers[r] = (L, ss1.tied_rotations(L.spec).to(dev))
-    # correctness: float64 references of forward (64 rows) and gradients (M = 256)
+    # correctness: float64 references of every path's forward (64 rows / 16 for decode) and gradients (M = 256)
     err = {}
     for r, (L, rot) in layers.items():
         x = torch.randn(256, K, device=dev, generator=gen).to(dtype).requires_grad_()
-        W64 = L.to_dense().double()
         x64 = x.detach().double().requires_grad_()
         w64 = L.weight.detach().double().requires_grad_()
         y64 = x64 @ w64[:, L.bucket.long()].T
+        L.force_path = "sketch"
         y = L(x)
-        fy = ops.ss1_fused(x.detach(), L.weight.detach(), rot, None, L.spec.bk, L.spec.bn)
         gy = torch.randn_like(y64)
         gx64, gw64 = torch.autograd.grad(y64, [x64, w64], gy)
         gx, gw = torch.autograd.grad(y, [x, L.weight], gy.to(dtype))
-        err[r] = dict(fwd=rel(y[:64], (x64[:64] @ W64.T).detach()), fused=rel(fy[:64], y64[:64].detach()),
-                      gx=rel(gx, gx64), gw=rel(gw, gw64))
+        e = dict(fwd=rel(y[:64], y64[:64].detach()), gx=rel(gx, gx64), gw=rel(gw, gw64))
+        with torch.no_grad():
+            L.force_path = "dense"
+            e["dense"] = rel(L(x[:64]), y64[:64].detach())
+            L.force_path = "decode"
+            e["decode"] = rel(L(x[:16]), y64[:16].detach())
+        L.force_path = None
+        err[r] = e
     for M in args.ms:
-        graph = dev == "cuda" and M <= 16
+        graph = dev == "cuda"
+        T = lambda fn: timer(fn, dev == "cuda", graph)
         x = torch.randn(M, K, device=dev, dtype=dtype, generator=gen).requires_grad_()
         gy = torch.randn(M, N, device=dev, dtype=dtype, generator=gen)
         with torch.no_grad():
-            dense_f = timer(lambda: F.linear(x, Wd), dev == "cuda", graph)
-        dense_fb = timer(fwd_bwd(F.linear, [x, Wd], gy), dev == "cuda", graph)
+            dense_f = T(lambda: F.linear(x, Wd))
+            dense_eager_f = timer(lambda: F.linear(x, Wd), dev == "cuda", False)
+        dense_fb = T(fwd_bwd(F.linear, [x, Wd], gy))
         for r, (L, rot) in layers.items():
             kc = L.spec.buckets
             xs = torch.randn(M, kc, device=dev, dtype=dtype, generator=gen).requires_grad_()
             Ws = Wd[:, :kc].detach().clone().requires_grad_()
+            t = {}
             with torch.no_grad():
-                t = dict(
-                    ideal_f=timer(lambda: F.linear(xs, Ws), dev == "cuda", graph),
-                    ss1_f=timer(lambda: L(x), dev == "cuda", graph),
-                    fused_f=timer(lambda: ops.ss1_fused(x, L.weight, rot, None, L.spec.bk, L.spec.bn),
-                                  dev == "cuda", graph))
-            t["ideal_fb"] = timer(fwd_bwd(F.linear, [xs, Ws], gy), dev == "cuda", graph)
-            t["ss1_fb"] = timer(fwd_bwd(lambda x, w: torch.func.functional_call(L, {"weight": w}, (x,)), [x, L.weight], gy), dev == "cuda", graph)
+                t["ideal_f"] = T(lambda: F.linear(xs, Ws))
+                L.force_path = None
+                t["ss1_f"] = T(lambda: L(x))
+                path_f = L.last_path
+                t["ss1_eager_f"] = timer(lambda: L(x), dev == "cuda", False)   # host overhead included
+                for p in ("sketch", "decode") if M <= 16 else ("sketch",):
+                    L.force_path = p
+                    t[f"{p}_f"] = T(lambda: L(x))
+                L.force_path = None
+                xc, gu = x.detach(), xs.detach()
+                t["sk"] = T(lambda: ops.ss1_tied_sketch(xc, L.rot_tied, L.spec.bk, kc))
+                t["skt"] = T(lambda: ops.ss1_tied_sketch_t(gu, L.rot_tied, L.spec.bk, K))
+            t.setdefault("decode_f", float("nan"))
+            t["ideal_fb"] = T(fwd_bwd(F.linear, [xs, Ws], gy))
+            t["ss1_fb"] = T(fwd_bwd(lambda x, w: torch.func.functional_call(L, {"weight": w}, (x,)),
+                                    [x, L.weight], gy))
+            path_fb = L.last_path
+            sk_bytes = 2 * M * (K + kc)          # read x once + write u once (and the reverse for skt)
             row = dict(shape=name, K=K, N=N, M=M, r=r, dense_f=dense_f, dense_fb=dense_fb, graph=graph,
-                       **t, **{f"err_{k}": v for k, v in err[r].items()})
+                       dense_eager_f=dense_eager_f,
+                       path_f=path_f, path_fb=path_fb, sk_bw=sk_bytes / t["sk"] / 1e6 / gbs,
+                       skt_bw=sk_bytes / t["skt"] / 1e6 / gbs, **t, **{f"err_{k}": v for k, v in err[r].items()})
             rows.append(row)
-            log(f"{name:15s} M={M:6d} r={r}  fwd: dense {dense_f:.4f} ss1 {t['ss1_f']:.4f} fused "
-                f"{t['fused_f']:.4f} ideal {t['ideal_f']:.4f} ms ({dense_f / t['ss1_f']:.2f}x, ideal "
-                f"{dense_f / t['ideal_f']:.2f}x) | fwd+bwd: dense {dense_fb:.4f} ss1 {t['ss1_fb']:.4f} ideal "
-                f"{t['ideal_fb']:.4f} ({dense_fb / t['ss1_fb']:.2f}x) | err fwd {err[r]['fwd']:.1e} fused "
-                f"{err[r]['fused']:.1e} gx {err[r]['gx']:.1e} gw {err[r]['gw']:.1e}")
+            log(f"{name:15s} M={M:6d} r={r} fwd[{path_f:6s}] dense {dense_f:.4f} ss1 {t['ss1_f']:.4f} sketch+gemm "
+                f"{t['sketch_f']:.4f} decode {t['decode_f']:.4f} ideal {t['ideal_f']:.4f} ms eager dense/ss1 {dense_eager_f:.4f}/{t['ss1_eager_f']:.4f} "
+                f"({dense_f / t['ss1_f']:.2f}x, ideal {dense_f / t['ideal_f']:.2f}x, "
+                f"{t['ideal_f'] / t['ss1_f']:.2f} of ideal) | sk {t['sk']:.4f} ({row['sk_bw']:.0%} bw) skt "
+                f"{t['skt']:.4f} ({row['skt_bw']:.0%}) | f+b[{path_fb}]: dense {dense_fb:.4f} ss1 {t['ss1_fb']:.4f} "
+                f"ideal {t['ideal_fb']:.4f} ({dense_fb / t['ss1_fb']:.2f}x) | err fwd {err[r]['fwd']:.1e} dense "
+                f"{err[r]['dense']:.1e} decode {err[r]['decode']:.1e} gx {err[r]['gx']:.1e} gw {err[r]['gw']:.1e}")
 
 
 def roofline(dev, dtype):
@@ -137,20 +161,29 @@ def write(rows, out: Path, device: str, tflops: float, gbs: float):
     (out / "ss1.json").write_text(json.dumps(dict(device=device, tflops=tflops, gbs=gbs, rows=rows), indent=1))
     lines = [f"# SS1 layer benchmark ({device}, bf16)", "",
              f"Measured in the same run: bf16 matmul {tflops:.0f} TFLOP/s (8192³), copy {gbs:.0f} GB/s (read + "
-             f"write). Median ms (`triton.testing.do_bench`, L2 flushed per call); M ≤ 16 under CUDA graphs. "
-             f"`ss1` = the layer (Triton sketch + cuBLAS GEMM), `fused` = the sketch-in-A-load Triton GEMM "
-             f"(forward only), `ideal` = cuBLAS GEMM of depth Kc = K/r. Speed-ups are over cuBLAS dense in the "
-             f"same run. Errors: relative to float64 (forward on 64 rows; gradients at M = 256).", "",
-             "| shape (K→N) | M | r | dense fwd | ss1 fwd | fused fwd | ideal fwd | ss1× | ideal× | dense f+b | "
-             "ss1 f+b | ideal f+b | ss1× f+b | ideal× f+b | err fwd / fused / gx / gw |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"write). Median ms (`triton.testing.do_bench`, L2 flushed per call), every timing of a CUDA-graph replay "
+             f"(GPU time; the `eager` columns are plain calls and include the host's launch overhead). "
+             f"`ss1` = the layer as dispatched (inference, `torch.no_grad`); `path` = the path it took "
+             f"(`sketch` = tied sketch kernel + cuBLAS GEMM, `decode` = one-launch fused Triton kernel, `dense` = "
+             f"cuBLAS with the cached merged weight W0 Sᵀ). `sk+gemm` and `decode` are those paths forced. "
+             f"`ideal` = cuBLAS GEMM of depth Kc = K/r; `of ideal` = ideal / ss1. `sk` / `skt` = the tied sketch / "
+             f"transposed-sketch kernels alone, with their fraction of the copy bandwidth (bytes = x read once + u "
+             f"written once). f+b = forward + backward (training: always the `sketch` path). Speed-ups are over "
+             f"cuBLAS dense in the same run. Errors: relative to float64 (forward on 64 rows, decode on 16; "
+             f"gradients at M = 256).", "",
+             "| shape (K→N) | M | r | path | dense fwd | ss1 fwd | sk+gemm | decode | ideal fwd | ss1× | ideal× | "
+             "of ideal | eager dense / ss1 | sk (bw) | skt (bw) | dense f+b | ss1 f+b | ideal f+b | ss1× f+b | ideal× f+b | "
+             "err fwd / dense / decode / gx / gw |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for w in rows:
         lines.append(
-            f"| {w['shape']} ({w['K']}→{w['N']}) | {w['M']} | {w['r']} | {w['dense_f']:.4f} | {w['ss1_f']:.4f} | "
-            f"{w['fused_f']:.4f} | {w['ideal_f']:.4f} | {w['dense_f'] / w['ss1_f']:.2f} | "
-            f"{w['dense_f'] / w['ideal_f']:.2f} | {w['dense_fb']:.4f} | {w['ss1_fb']:.4f} | {w['ideal_fb']:.4f} | "
-            f"{w['dense_fb'] / w['ss1_fb']:.2f} | {w['dense_fb'] / w['ideal_fb']:.2f} | "
-            f"{w['err_fwd']:.1e} / {w['err_fused']:.1e} / {w['err_gx']:.1e} / {w['err_gw']:.1e} |")
+            f"| {w['shape']} ({w['K']}→{w['N']}) | {w['M']} | {w['r']} | {w['path_f']} | {w['dense_f']:.4f} | "
+            f"{w['ss1_f']:.4f} | {w['sketch_f']:.4f} | {w['decode_f']:.4f} | {w['ideal_f']:.4f} | "
+            f"{w['dense_f'] / w['ss1_f']:.2f} | {w['dense_f'] / w['ideal_f']:.2f} | {w['ideal_f'] / w['ss1_f']:.2f} | "
+            f"{w['dense_eager_f']:.4f} / {w['ss1_eager_f']:.4f} | {w['sk']:.4f} ({w['sk_bw']:.0%}) | {w['skt']:.4f} ({w['skt_bw']:.0%}) | {w['dense_fb']:.4f} | "
+            f"{w['ss1_fb']:.4f} | {w['ideal_fb']:.4f} | {w['dense_fb'] / w['ss1_fb']:.2f} | "
+            f"{w['dense_fb'] / w['ideal_fb']:.2f} | {w['err_fwd']:.1e} / {w['err_dense']:.1e} / "
+            f"{w['err_decode']:.1e} / {w['err_gx']:.1e} / {w['err_gw']:.1e} |")
     (out / "ss1.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "ss1.png", device)
 
@@ -200,7 +233,7 @@ def main():
     print(f"{device}: {tflops:.0f} TFLOP/s, {gbs:.0f} GB/s", flush=True)
     rows = []
     for name, (K, N) in shapes.items():
-        bench_shape(name, K, N, args, dev, dtype, rows, lambda s: print(s, flush=True))
+        bench_shape(name, K, N, args, dev, dtype, rows, lambda s: print(s, flush=True), gbs)
         write(rows, Path(args.out), device, tflops, gbs)
 
 

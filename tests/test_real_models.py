@@ -5,12 +5,13 @@ import pytest
 
 import structlin as sl
 from structlin import calibrate, data, targeting
+from structlin.demo import pick_dtype
 from structlin.eval import perplexity
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return data.load_model("smollm2")
+    return data.load_model("smollm2", dtype=pick_dtype("auto"))  # bf16 where the CPU has AMX
 
 
 @pytest.mark.slow

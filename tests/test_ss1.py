@@ -246,3 +246,68 @@ def test_triton_matches_float64(interpret, dtype, tol, scheme, r, K, N):
         yf = ops.ss1_fused(xd.detach().reshape(-1, K), L.weight.detach(), ss1.tied_rotations(L.spec),
                            L.bias.detach(), 16, 16)
         assert rel(yf, y64.detach().reshape(-1, N)) <= tol
+
+
+# ----------------------------------------------------------------------------- tied kernels and dispatch
+
+TIED_CASES = [(45, 2, 16), (70, 3, 24), (37, 5, 8), (200, 4, 32), (33, 1, 16)]   # (K, r, bk): odd K, r not 2^k
+
+
+@pytest.mark.parametrize("K,r,bk", TIED_CASES)
+def test_tied_ref_equals_gather_form(K, r, bk):
+    L = layer(K, 9, r, "tied", bk=bk)
+    x = torch.randn(6, K, dtype=f64)
+    u = ops.tied_sketch_ref(x, L.rot_tied, bk, L.spec.buckets)
+    torch.testing.assert_close(u, ops.sketch_ref(x, L.members, L.coef), rtol=0, atol=1e-13)
+    g = torch.randn(6, L.spec.buckets, dtype=f64)
+    torch.testing.assert_close(ops.tied_sketch_t_ref(g, L.rot_tied, bk, K),
+                               ops.sketch_t_ref(g, L.bucket, L.scale, K), rtol=0, atol=0)
+
+
+def test_path_rule_and_merged_cache():
+    L = layer(64, 24, 2, "tied", dtype=torch.float32)
+    x = torch.randn(5, 64)
+    ref = x @ L.to_dense().T + L.bias
+    L(x)
+    assert L.last_path == "sketch"                           # CPU: never dense
+    L.force_path = "dense"
+    with torch.no_grad():
+        torch.testing.assert_close(L(x), ref)
+        assert L.last_path == "dense" and len(L._merged) == 1
+        L.weight.mul_(2)                                     # in-place edit: the cached merge is rebuilt
+        torch.testing.assert_close(L(x), x @ L.to_dense().T + L.bias)
+    L.force_path = None
+    big, small = ss1.SS1Spec(4096, 14336, False, r=4), ss1.SS1Spec(768, 3072, False, r=4)
+    assert ss1.path_rule(big, 16384, True, weight_grad=True, any_grad=True) == "sketch"
+    assert ss1.path_rule(big, 1, True, weight_grad=False, any_grad=False) in ("decode", "sketch")
+    assert ss1.path_rule(small, 256, True, weight_grad=False, any_grad=False) == "dense"
+    assert ss1.path_rule(ss1.SS1Spec(64, 8, False, r=2, scheme="blockwise"), 4, True, False, False) == "dense"
+    assert ss1.path_rule(big, 1, False, weight_grad=False, any_grad=False) == "sketch"
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("K,r,bk", TIED_CASES)
+def test_tied_kernels_match_float64(interpret, dtype, tol, K, r, bk):
+    N, M = 19, 7
+    L64 = layer(K, N, r, "tied", bk=bk)
+    L = layer(K, N, r, "tied", bk=bk, dtype=dtype)
+    L64.load_state_dict({k: v.double() for k, v in L.state_dict().items()})
+    x = torch.randn(M, 2 * K)[:, ::2].to(dtype)
+    x64 = x.double().requires_grad_()
+    xd = x.clone().requires_grad_()
+    y, y64 = L(xd), L64(x64)
+    assert L.last_path == "sketch"
+    gy = torch.randn_like(y64)
+    y.backward(gy.to(dtype))
+    y64.backward(gy)
+    assert rel(y, y64) <= tol and rel(xd.grad, x64.grad) <= tol and rel(L.weight.grad, L64.weight.grad) <= tol
+    # the ops themselves, every row and column written (outputs start as garbage: torch.empty)
+    u = ops.ss1_tied_sketch(x.contiguous(), L.rot_tied, bk, L.spec.buckets)
+    assert rel(u, ops.sketch_ref(x.double(), L64.members, L64.coef)) <= tol
+    g = torch.randn(M, L.spec.buckets).to(dtype)
+    gx = ops.ss1_tied_sketch_t(g, L.rot_tied, bk, K)
+    assert torch.equal(gx, ops.sketch_t_ref(g, L.bucket, torch.ones(K, dtype=dtype), K))
+    for m in (1, M):   # the one-launch decode kernel, M ≤ 16
+        yd = ops.ss1_tied_decode(x[:m].contiguous(), L.rot_tied, L.weight.detach(), L.bias.detach(), bk)
+        assert rel(yd, y64[:m].detach()) <= tol

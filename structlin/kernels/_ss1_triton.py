@@ -141,3 +141,198 @@ def fused(x, weight, rot, bias, bk, bn_h):
                         IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
                         BM=BM, BN=BN, BK=bk, GROUP_M=8, num_warps=8 if BM >= 128 else 4, num_stages=3)
     return y
+
+
+# ----------------------------------------------------------------------------- tied scheme (contiguous runs)
+#
+# Tied: feature i = (g·R + c)·BK + j goes to bucket g·BK + ((j − δ_c) mod BK), δ_c a multiple of VEC. So the
+# u column k = g·BK + VEC·a + e (a < BK/VEC, e < VEC) reads, for member c, the x column
+#     col(k, c) = (g·R + c)·BK + VEC·((a + δ_c/VEC) mod (BK/VEC)) + e,
+# runs of VEC consecutive columns starting at multiples of VEC: 16-byte vector loads for bf16 with VEC = 8.
+# The same index map, read backwards, is the transposed sketch (a bijection: every gx column written once).
+
+@triton.jit
+def _tied_cols(k, rot_ptr, c, R: tl.constexpr, BK: tl.constexpr, VEC: tl.constexpr):
+    A: tl.constexpr = BK // VEC
+    s = tl.load(rot_ptr + c) // VEC
+    g = k // BK
+    a = (k % BK) // VEC
+    col = (g * R + c) * BK + ((a + s) % A) * VEC + k % VEC
+    return tl.max_contiguous(tl.multiple_of(col, VEC), VEC)
+
+
+@triton.jit
+def _tied_sketch_kernel(x_ptr, rot_ptr, u_ptr, M, K, KC, sxm, sum_, MB, R: tl.constexpr,
+                        BK: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                        EVEN_K: tl.constexpr):
+    """u[m, k] = Σ_c x[m, col(k, c)] (fp32 accumulation, members in order c = 0..R-1)."""
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BC + tl.arange(0, BC)
+    rk = tl.max_contiguous(tl.multiple_of(rk, BC), BC)
+    mm, mk = rm < M, rk < KC
+    xrow = x_ptr + rm.to(tl.int64)[:, None] * sxm
+    acc = tl.zeros((BM, BC), dtype=tl.float32)
+    for c in tl.static_range(R):
+        col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
+        if EVEN_K:
+            msk = mm[:, None] & mk[None, :]
+        else:
+            msk = mm[:, None] & (mk & (col < K))[None, :]
+        acc += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
+    tl.store(u_ptr + rm.to(tl.int64)[:, None] * sum_ + rk[None, :], acc.to(u_ptr.dtype.element_ty),
+             mask=mm[:, None] & mk[None, :])
+
+
+@triton.jit
+def _tied_sketch_t_kernel(g_ptr, rot_ptr, gx_ptr, M, K, KC, sgm, sxm, MB, R: tl.constexpr,
+                          BK: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
+                          EVEN_K: tl.constexpr):
+    """gx[m, col(k, c)] = g[m, k] for every member c: one read of g, R vectorised writes."""
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BC + tl.arange(0, BC)
+    rk = tl.max_contiguous(tl.multiple_of(rk, BC), BC)
+    mm, mk = rm < M, rk < KC
+    gv = tl.load(g_ptr + rm.to(tl.int64)[:, None] * sgm + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
+    gv = gv.to(gx_ptr.dtype.element_ty)
+    xrow = gx_ptr + rm.to(tl.int64)[:, None] * sxm
+    for c in tl.static_range(R):
+        col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
+        if EVEN_K:
+            msk = mm[:, None] & mk[None, :]
+        else:
+            msk = mm[:, None] & (mk & (col < K))[None, :]
+        tl.store(xrow + col[None, :], gv, mask=msk)
+
+
+@triton.jit
+def _tied_decode_kernel(x_ptr, rot_ptr, w_ptr, b_ptr, y_ptr, M, N, K, KC, sxm, swn, sym, MB, R: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+                        BK: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        BC: tl.constexpr):
+    """y = sketch(x) W0ᵀ (+ b) in one launch for small M: each program streams BN rows of W0 and rebuilds
+    the (BM × BC) slices of u it needs from x (small, L2-resident) in the A-operand load."""
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    mm, mn = rm < M, rn < N
+    xrow = x_ptr + rm.to(tl.int64)[:, None] * sxm
+    wrow = w_ptr + rn.to(tl.int64)[None, :] * swn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, KC, BC):
+        rk = k0 + tl.arange(0, BC)
+        rk = tl.max_contiguous(tl.multiple_of(rk, BC), BC)
+        mk = rk < KC
+        w = tl.load(wrow + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+        a = tl.zeros((BM, BC), dtype=tl.float32)
+        for c in tl.static_range(R):
+            col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
+            if EVEN_K:
+                msk = mm[:, None] & mk[None, :]
+            else:
+                msk = mm[:, None] & (mk & (col < K))[None, :]
+            a += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
+        if IEEE:
+            acc += tl.dot(a, w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(w.dtype), w)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+def _tied_vec(rot, bk: int) -> int:
+    """Largest power of two ≤ 8 dividing bk and every rotation: the run length of contiguous columns."""
+    import math
+    v = bk
+    for d in rot.tolist() if rot.device.type == "cpu" else rot.cpu().tolist():
+        v = math.gcd(v, int(d))
+    return min(8, v & -v)
+
+
+_VEC_CACHE: dict = {}
+
+
+def tied_vec(rot, bk: int) -> int:
+    key = (rot.data_ptr(), rot._version, rot.numel(), bk)
+    v = _VEC_CACHE.get(key)
+    if v is None:
+        v = _VEC_CACHE[key] = _tied_vec(rot, bk)
+    return v
+
+
+# (BM rows, BC u-columns, warps); MB = M rounded up to a power of two is the tuning key (not M itself).
+_SK_CONFIGS = [triton.Config({"BM": bm, "BC": bc}, num_warps=w) for bm, bc, w in
+               [(1, 256, 1), (4, 256, 2), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (16, 512, 8)]]
+
+
+def _quick_bench(fn, quantiles=None):   # autotuning: short runs (the kernels take µs), median
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=5, rep=15, quantiles=quantiles)
+
+
+def _autotune(configs, key):
+    try:
+        return triton.autotune(configs, key=key, do_bench=_quick_bench)
+    except TypeError:   # older Triton: no do_bench argument
+        return triton.autotune(configs, key=key, warmup=5, rep=15)
+
+
+_tied_sketch_tuned = _autotune(_SK_CONFIGS, ["MB", "KC", "K", "R"])(_tied_sketch_kernel)
+_tied_sketch_t_tuned = _autotune(_SK_CONFIGS, ["MB", "KC", "K", "R"])(_tied_sketch_t_kernel)
+_DEC_CONFIGS = [triton.Config({"BN": bn, "BC": bc}, num_warps=w, num_stages=s) for bn, bc, w, s in
+                [(16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3), (16, 512, 4, 3),
+                 (64, 256, 8, 3)]]
+_tied_decode_tuned = _autotune(_DEC_CONFIGS, ["MB", "N", "KC", "K", "R"])(_tied_decode_kernel)
+
+
+def _mb(M):
+    return triton.next_power_of_2(max(int(M), 1))
+
+
+def tied_sketch(x, rot, bk, kc):
+    """u (M × kc) = x S for the tied scheme; x (M × K) with unit column stride, rot (R,) int32 = δ_c."""
+    M, K = x.shape
+    R = rot.shape[0]
+    u = torch.empty(M, kc, dtype=x.dtype, device=x.device)
+    args = (x, rot, u, M, K, kc, x.stride(0), u.stride(0), _mb(M), R)
+    meta = dict(BK=bk, VEC=tied_vec(rot, bk), EVEN_K=K == kc * R)
+    if x.is_cuda:
+        _tied_sketch_tuned[lambda m: (triton.cdiv(M, m["BM"]), triton.cdiv(kc, m["BC"]))](*args, **meta)
+    else:
+        _tied_sketch_kernel[(triton.cdiv(M, 4), triton.cdiv(kc, 16))](*args, **meta, BM=4, BC=16)
+    return u
+
+
+def tied_sketch_t(g, rot, bk, K):
+    """gx (M × K) = g Sᵀ for the tied scheme; g (M × kc) with unit column stride."""
+    M, kc = g.shape
+    R = rot.shape[0]
+    gx = torch.empty(M, K, dtype=g.dtype, device=g.device)
+    args = (g, rot, gx, M, K, kc, g.stride(0), gx.stride(0), _mb(M), R)
+    meta = dict(BK=bk, VEC=tied_vec(rot, bk), EVEN_K=K == kc * R)
+    if g.is_cuda:
+        _tied_sketch_t_tuned[lambda m: (triton.cdiv(M, m["BM"]), triton.cdiv(kc, m["BC"]))](*args, **meta)
+    else:
+        _tied_sketch_t_kernel[(triton.cdiv(M, 4), triton.cdiv(kc, 16))](*args, **meta, BM=4, BC=16)
+    return gx
+
+
+def tied_decode(x, rot, weight, bias, bk):
+    """y (M × N) = sketch(x) weightᵀ + bias in one launch; M ≤ 16 (one row tile)."""
+    M, K = x.shape
+    N, kc = weight.shape
+    R = rot.shape[0]
+    assert M <= 16 and weight.stride(1) == 1
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    args = (x, rot, weight, bias if bias is not None else weight, y, M, N, K, kc, x.stride(0),
+            weight.stride(0), y.stride(0), _mb(M), R)
+    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
+                EVEN_K=K == kc * R, BK=bk, VEC=tied_vec(rot, bk), BM=16)
+    if x.is_cuda:
+        _tied_decode_tuned[lambda m: (triton.cdiv(N, m["BN"]),)](*args, **meta)
+    else:
+        _tied_decode_kernel[(triton.cdiv(N, 16),)](*args, **meta, BN=16, BC=16)
+    return y

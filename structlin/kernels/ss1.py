@@ -160,3 +160,99 @@ def _fused_bwd(ctx, gy):
 
 
 ss1_fused.register_autograd(_fused_bwd, setup_context=_fused_ctx)
+
+
+# ----------------------------------------------------------------------------- tied scheme: specialised ops
+#
+# The tied sketch in closed form: with x padded to Kp = G·R·bk and viewed as (M, G, R, bk),
+#     u[:, g, t] = Σ_c x[:, g, c, (t + δ_c) mod bk]          (δ = `rot`, (R,) int32)
+#     gx[:, g, c, j] = g[:, g, (j − δ_c) mod bk]             (the transpose)
+# Same function as the gather form built from `bucket` (scale 1), but every member is a contiguous run of
+# bk (split in two at the rotation), so the Triton kernels load and store 16-byte vectors.
+
+TIED_MAX_R = 16   # the Triton tied kernels unroll the R members; larger r runs the gather-form kernel
+
+
+def tied_sketch_ref(x, rot, bk: int, kc: int):
+    M, K = x.shape
+    R = rot.shape[0]
+    xa = torch.nn.functional.pad(_acc(x), (0, kc * R - K)).view(M, kc // bk, R, bk)
+    u = torch.zeros(M, kc // bk, bk, dtype=xa.dtype, device=x.device)
+    for c, d in enumerate(rot.tolist()):
+        u = u + torch.roll(xa[:, :, c], -int(d), dims=-1)
+    return u.reshape(M, kc).to(x.dtype)
+
+
+def tied_sketch_t_ref(g, rot, bk: int, K: int):
+    M, kc = g.shape
+    gv = g.view(M, kc // bk, bk)
+    gx = torch.stack([torch.roll(gv, int(d), dims=-1) for d in rot.tolist()], 2)   # (M, G, R, bk)
+    return gx.reshape(M, -1)[:, :K].contiguous()
+
+
+def _use_tied_triton(t: torch.Tensor, rot: torch.Tensor) -> bool:
+    return _use_triton(t) and rot.shape[0] <= TIED_MAX_R
+
+
+@torch.library.custom_op("structlin::ss1_tied_sketch", mutates_args=())
+def ss1_tied_sketch(x: torch.Tensor, rot: torch.Tensor, bk: int, kc: int) -> torch.Tensor:
+    """u = x S (M × kc) for the tied scheme; x (M × K) contiguous."""
+    if _use_tied_triton(x, rot):
+        return triton_module().tied_sketch(x, rot, bk, kc)
+    return tied_sketch_ref(x, rot, bk, kc)
+
+
+@ss1_tied_sketch.register_fake
+def _(x, rot, bk, kc):
+    return x.new_empty(x.shape[0], kc)
+
+
+@torch.library.custom_op("structlin::ss1_tied_sketch_t", mutates_args=())
+def ss1_tied_sketch_t(g: torch.Tensor, rot: torch.Tensor, bk: int, K: int) -> torch.Tensor:
+    """gx = g Sᵀ (M × K) for the tied scheme; g (M × kc) contiguous."""
+    if _use_tied_triton(g, rot):
+        return triton_module().tied_sketch_t(g, rot, bk, K)
+    return tied_sketch_t_ref(g, rot, bk, K)
+
+
+@ss1_tied_sketch_t.register_fake
+def _(g, rot, bk, K):
+    return g.new_empty(g.shape[0], K)
+
+
+def _tied_ctx(ctx, inputs, output):
+    x, rot, bk, n = inputs
+    ctx.save_for_backward(rot)
+    ctx.bk, ctx.n_in = bk, x.shape[1]
+
+
+def _tied_sketch_bwd(ctx, grad):
+    (rot,) = ctx.saved_tensors
+    return ss1_tied_sketch_t(grad.contiguous(), rot, ctx.bk, ctx.n_in), None, None, None
+
+
+def _tied_sketch_t_bwd(ctx, grad):
+    (rot,) = ctx.saved_tensors
+    return ss1_tied_sketch(grad.contiguous(), rot, ctx.bk, ctx.n_in), None, None, None
+
+
+ss1_tied_sketch.register_autograd(_tied_sketch_bwd, setup_context=_tied_ctx)
+ss1_tied_sketch_t.register_autograd(_tied_sketch_t_bwd, setup_context=_tied_ctx)
+
+
+@torch.library.custom_op("structlin::ss1_tied_decode", mutates_args=())
+def ss1_tied_decode(x: torch.Tensor, rot: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    bk: int) -> torch.Tensor:
+    """y = sketch(x) weightᵀ + bias in one launch, for M ≤ 16 (inference: no autograd formula)."""
+    if _use_tied_triton(x, rot) and x.shape[0] <= 16:
+        return triton_module().tied_decode(x, rot, weight, bias, bk)
+    u = tied_sketch_ref(x, rot, bk, weight.shape[1])
+    y = _acc(u) @ _acc(weight).T
+    if bias is not None:
+        y = y + _acc(bias)
+    return y.to(x.dtype)
+
+
+@ss1_tied_decode.register_fake
+def _(x, rot, weight, bias, bk):
+    return x.new_empty(x.shape[0], weight.shape[0])

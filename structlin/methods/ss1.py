@@ -242,21 +242,23 @@ class SS1Linear(StructuredLinear):
 
 PATHS = ("sketch", "decode", "dense", "gather", "fused")
 
-# Roofline cost model (ms) fitted to the H100 bf16 table (docs/benchmarks/ss1.md): effective matmul rate,
-# effective streaming bandwidth for GEMM operands and for the sketch kernels, and a fixed cost per launch
-# (as seen under CUDA graphs / do_bench). The rule only compares paths, so the constants need be right
-# in ratio, not in absolute terms.
-COST = dict(flops=650e12, gemm_bw=2.4e12, sketch_bw=2.4e12, decode_bw=2.0e12, launch=5e-3, sketch_launch=3e-3)
+# Roofline cost model (ms) fitted to the H100 bf16 run of benchmarks/ss1_layer.py (CUDA-graph GPU times, see
+# docs/benchmarks/NOTES.md): effective cuBLAS rate and operand bandwidth, the tied sketch kernel's bandwidth,
+# a fixed cost per launch, and for the one-launch decode kernel a term per input column (each program walks
+# all of Kc serially, rebuilding u from x: it wins when N is large and K small). Only ratios matter.
+COST = dict(flops=700e12, gemm_bw=2.2e12, launch=6.3e-3, sketch_bw=2.7e12, sketch_launch=2.8e-3,
+            decode_bw=2.3e12, decode_launch=6.5e-3, decode_per_k=1e-6)
 
 
 def cost_ms(path: str, M: int, K: int, N: int, kc: int, c=COST) -> float:
-    gemm = lambda k: max(2 * M * N * k / c["flops"], 2 * (M * k + N * k + M * N) / c["gemm_bw"]) * 1e3
+    def gemm(k):
+        return max(2 * M * N * k / c["flops"], 2 * (M * k + N * k + M * N) / c["gemm_bw"]) * 1e3 + c["launch"]
     if path == "dense":
-        return gemm(K) + c["launch"]
+        return gemm(K)
     if path == "sketch":
-        return gemm(kc) + c["launch"] + 2 * (M * K + M * kc) / c["sketch_bw"] * 1e3 + c["sketch_launch"]
+        return gemm(kc) + 2 * (M * K + M * kc) / c["sketch_bw"] * 1e3 + c["sketch_launch"]
     if path == "decode":
-        return 2 * (N * kc + M * K + M * N) / c["decode_bw"] * 1e3 + c["launch"]
+        return 2 * (N * kc + M * K + M * N) / c["decode_bw"] * 1e3 + c["decode_launch"] + c["decode_per_k"] * K
     return float("inf")
 
 
