@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import StructlinError, TargetError
+
 
 def tile_quantum(in_features: int, out_features: int) -> int:
     """Multiple that ranks / widths / kept rows are rounded to (tensor-core friendly)."""
@@ -46,7 +48,10 @@ def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, kee
     plan = Plan()
     for name, (k, n, b) in shapes.items():
         dense = dense_params(k, n, b)
-        cands = list(method.candidates(k, n, b, opts))
+        try:
+            cands = list(method.candidates(k, n, b, opts))
+        except StructlinError as e:
+            raise TargetError(f"module '{name}' ({n}×{k}): {e}") from None
         ladders[name] = cands + [None]
         cost[name] = [method.spec_params(s) for s in cands] + [dense]
         share[name] = keep * dense

@@ -110,3 +110,12 @@ def test_too_few_calibration_tokens_warns_and_is_reported():
     with pytest.warns(UserWarning, match="fewer calibration tokens .8. than input features"):
         rep = sl.compress(m, sl.CompressConfig(keep=0.5, options={"variant": "whiten"}), calib=few, progress=False)
     assert all(r.note == "few calibration tokens" for r in rep.rows if r.structure != "dense")
+
+
+def test_structure_that_cannot_apply_names_the_module():
+    from structlin.errors import TargetError
+
+    with pytest.raises(TargetError, match=r"module 'model.layers.0.self_attn.q_proj' \(64×64\): ss1 r=512.*"
+                                          r"needs in_features >= r·bk = 16384.*choose r <= 2"):
+        sl.compress(tiny_llama(), sl.CompressConfig(method="ss1", options={"r": 512}), calib=batches(n=1),
+                    progress=False)

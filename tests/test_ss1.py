@@ -92,7 +92,7 @@ def test_forward_equals_dense(scheme, r):
     ref = x @ L.to_dense().T + (L.bias if L.bias is not None else 0)
     assert y.shape == (3, 11, N)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
-    assert L.num_params() == N * L.spec.buckets + N * (L.bias is not None)
+    assert L.num_params() == N * L.spec.buckets + N * (L.bias is not None) + K * (scheme == "table")
     assert ss1.SS1().spec_params(L.spec) == L.num_params()
 
 

@@ -163,6 +163,12 @@ class SS1Linear(StructuredLinear):
         self.refresh()
         self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
 
+    def num_params(self) -> int:
+        """weight + bias, and for the table scheme the per-feature scales (the int bucket table is an
+        index, like the spec, and is not counted)."""
+        extra = self.spec.in_features if self.spec.scheme == "table" else 0
+        return sum(p.numel() for p in self.parameters()) + extra
+
     def refresh(self) -> None:
         """Rebuild the gather form (members, coef) from bucket/scale; call after editing the table."""
         if self.spec.scheme != "blockwise":
@@ -329,7 +335,11 @@ class SS1(Method):
         return {"gram"} if opts.projection == "lstsq" else set()
 
     def candidates(self, in_features, out_features, bias, opts):
-        rs = [opts.r] if opts.r > 0 else [16, 12, 8, 6, 5, 4, 3, 2]
+        if opts.r > 0 and opts.r * opts.bk > in_features:
+            raise ConfigError(f"ss1 r={opts.r} with hash block bk={opts.bk} needs in_features >= r·bk = "
+                              f"{opts.r * opts.bk}, but the layer has {in_features} inputs; choose r <= "
+                              f"{max(in_features // opts.bk, 1)} (or a smaller bk), or exclude this layer")
+        rs = [opts.r] if opts.r > 0 else [r for r in (16, 12, 8, 6, 5, 4, 3, 2) if r * opts.bk <= in_features]
         dense = in_features * out_features + out_features * bias
         out = []
         for r in rs:
@@ -339,7 +349,8 @@ class SS1(Method):
         return out
 
     def spec_params(self, spec):
-        return spec.out_features * spec.buckets + spec.out_features * spec.bias
+        table = spec.in_features if spec.scheme == "table" else 0
+        return spec.out_features * spec.buckets + spec.out_features * spec.bias + table
 
     def spec_flops(self, spec, tokens=1):
         return 2 * tokens * spec.out_features * spec.buckets
