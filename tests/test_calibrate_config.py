@@ -61,6 +61,13 @@ def test_calibration_errors_name_the_problem():
     with pytest.raises(CalibrationError, match="float64 but the model is torch.float32"):
         calibrate.collect(m, t, [{"inputs_embeds": torch.randn(1, 4, 64, dtype=torch.float64)}], {"gram"},
                           progress=False)
+    bad = torch.randn(1, 4, 64)
+    bad[0, 2, 5] = float("inf")
+    with pytest.raises(CalibrationError, match="'inputs_embeds' contains NaN or inf"):
+        calibrate.collect(m, t, [{"inputs_embeds": bad}], {"gram"}, progress=False)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    with pytest.raises(CalibrationError, match="the input tensor is torch.float16 but the model is torch.float32"):
+        calibrate.collect(plain, {"0": plain[0]}, [torch.randn(3, 8).half()], {"gram"}, progress=False)
     with torch.no_grad():
         m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(CalibrationError, match="model.layers.1.mlp.down_proj"):
