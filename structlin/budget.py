@@ -81,3 +81,62 @@ def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, kee
             plan.reasons[name] = "budget leaves it dense"
     plan.used = used
     return plan
+
+
+def allocate_spectral(shapes: dict[str, tuple[int, int, bool]], method, opts, keep: float,
+                      curves: dict[str, list[float]], floor: float = 0.0) -> Plan:
+    """Spend the budget where it removes the most calibration error per parameter.
+
+    curves[name][i] is the layer's relative error (the method's objective, e.g. ‖(W − Ŵ)X‖²/‖WX‖² for
+    whitened low-rank) at its i-th candidate size; staying dense has error 0. Every layer starts at its
+    smallest size holding at least `floor` of its dense params; then, greedily, the size step with the
+    largest error reduction per added parameter is taken while it fits in keep × targeted params. With
+    error curves convex in size (singular-value tails are), the greedy choice is optimal at step
+    granularity. Uses no data beyond the statistics already collected.
+    """
+    import heapq
+
+    plan = Plan()
+    ladders, cost, err, pos = {}, {}, {}, {}
+    for name, (k, n, b) in shapes.items():
+        dense = dense_params(k, n, b)
+        try:
+            cands = list(method.candidates(k, n, b, opts))
+        except StructlinError as e:
+            raise TargetError(f"module '{name}' ({n}×{k}): {e}") from None
+        ladders[name] = cands + [None]
+        cost[name] = [method.spec_params(s) for s in cands] + [dense]
+        err[name] = list(curves[name]) + [0.0] if cands else [0.0]
+        if cands and len(curves[name]) != len(cands):
+            raise ValueError(f"{name}: {len(curves[name])} errors for {len(cands)} candidate sizes")
+        pos[name] = next((i for i, c in enumerate(cost[name]) if c >= floor * dense), len(cost[name]) - 1)
+        plan.targeted += dense
+        if not cands:
+            plan.reasons[name] = "no structured form is smaller than dense"
+    plan.budget = int(keep * plan.targeted + 1e-9)
+    used = sum(cost[n][pos[n]] for n in shapes)
+
+    def step(name):
+        i = pos[name]
+        if i + 1 < len(cost[name]):
+            gain = (err[name][i] - err[name][i + 1]) / max(cost[name][i + 1] - cost[name][i], 1)
+            heapq.heappush(heap, (-gain, name))
+
+    heap: list = []
+    for name in shapes:
+        step(name)
+    while heap:
+        _, name = heapq.heappop(heap)
+        i = pos[name]
+        extra = cost[name][i + 1] - cost[name][i]
+        if used + extra > plan.budget:
+            continue  # later steps of this layer cost more still
+        used += extra
+        pos[name] = i + 1
+        step(name)
+    for name in shapes:
+        plan.specs[name] = ladders[name][pos[name]]
+        if plan.specs[name] is None and name not in plan.reasons:
+            plan.reasons[name] = "allocation keeps it dense"
+    plan.used = used
+    return plan

@@ -75,16 +75,27 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
     method, opts = methods.get(cfg.method), cfg.method_options()
     targets = targeting.select(model, cfg.targets, cfg.exclude, cfg.layers)
     shapes = {n: linear_shape(m) for n, m in targets.items()}
-    plan = budget.allocate_uniform(shapes, method, opts, cfg.keep)
     needs = method.stats_needed(opts)
     sequential = method.sequential(opts)
     if needs and calib is None and stats is None:
         raise CalibrationError(f"method '{cfg.method}' with options {cfg.options} needs calibration data: "
                                f"pass calib=[batches of input_ids]")
-    if sequential and stats is not None:
+    if sequential and stats is not None and cfg.allocation != "spectral":
         raise ConfigError("sequential mode calibrates on the compressed model as it goes: pass calib, not stats")
     if calib is not None or stats is not None:
         needs = needs | {"gram"}  # the report's output error comes from the Gram at no extra pass
+
+    if cfg.allocation == "spectral":
+        if sequential and calib is not None:
+            calib = list(calib)  # read twice: dense statistics for the split, then block by block
+        if stats is None and calib is not None:
+            stats = method.collect(model, targets, calib, opts, progress=progress, loss_fn=loss_fn)
+        plan = budget.allocate_spectral(shapes, method, opts, cfg.keep,
+                                        _error_curves(method, opts, targets, shapes, stats))
+        if sequential:
+            stats = None  # projection still sees the compressed model's activations, block by block
+    else:
+        plan = budget.allocate_uniform(shapes, method, opts, cfg.keep)
 
     params_before, _ = model_size(model)
     flops_before = linear_flops_per_token(model)
@@ -162,6 +173,23 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
                   dtype=str(dtype).replace("torch.", ""), linear_flops_before=flops_before,
                   linear_flops_after=linear_flops_per_token(model), seconds=time.perf_counter() - t0,
                   calibration_tokens=tokens)
+
+
+def _error_curves(method, opts, targets, shapes, stats) -> dict[str, list[float]]:
+    """Per target, the method's predicted relative error at each candidate size (for spectral allocation)."""
+    curves = {}
+    for name, module in targets.items():
+        specs = method.candidates(*shapes[name], opts)
+        if not specs:
+            curves[name] = []
+            continue
+        w, _ = dense_weight(module)
+        curve = method.error_curve(w.detach().to(torch.float64), None if stats is None else stats[name], opts, specs)
+        if curve is None:
+            raise ConfigError(f"allocation 'spectral' is not available for method '{method.name}' (it cannot "
+                              f"predict its error from statistics); use allocation='uniform'")
+        curves[name] = curve
+    return curves
 
 
 def spec_summary(spec) -> str:

@@ -79,6 +79,8 @@ class CompressConfig:
     layers:  indices of transformer blocks to touch (BERT `layer.N.`, GPT-2 `h.N.`, Llama `layers.N.`).
     options: the method's own settings, validated against its option dataclass.
     seed:    seed for any randomness in projection (a local generator; the global RNG is never touched).
+    allocation: how keep is split over the layers: "uniform" (each layer keeps the same fraction) or
+             "spectral" (greedy on the calibration error removed per parameter, from the statistics).
     """
 
     method: str = "lowrank"
@@ -88,6 +90,7 @@ class CompressConfig:
     layers: list | None = None
     options: dict = field(default_factory=dict)
     seed: int = 0
+    allocation: str = "uniform"
 
     def __post_init__(self):
         from . import methods  # registry; imported late so config stays import-light
@@ -124,6 +127,8 @@ class CompressConfig:
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a dict of the method's settings, got {type(self.options).__name__}")
         self.method_options()  # validate now, not halfway through compression
+        if self.allocation not in ("uniform", "spectral"):
+            raise ConfigError(f"allocation must be 'uniform' or 'spectral', got {self.allocation!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 

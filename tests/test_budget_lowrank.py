@@ -154,3 +154,54 @@ def test_sequential_first_block_sees_dense_inputs():
     later = [r.name for r in ra.rows if r.name.startswith("model.layers.1.") and r.structure != "dense"]
     assert any(not torch.allclose(a.get_submodule(n).to_dense(), b.get_submodule(n).to_dense(), atol=1e-6)
                for n in later)
+
+
+class Branches(torch.nn.Sequential):
+    """Layers applied side by side to the same input (so each sees full-rank inputs)."""
+
+    def forward(self, x):
+        return sum(layer(x) for layer in self)
+
+
+def unequal_spectra_model(seed=0):
+    """Two 128×128 layers reading the same input: one nearly rank-16, one with a flat spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    model = Branches(torch.nn.Linear(128, 128, bias=False), torch.nn.Linear(128, 128, bias=False))
+    with torch.no_grad():
+        low = torch.randn(128, 16, generator=g) @ torch.randn(16, 128, generator=g) / 16
+        model[0].weight.copy_(low + 1e-3 * torch.randn(128, 128, generator=g))
+        model[1].weight.copy_(torch.randn(128, 128, generator=g) / 128 ** 0.5)
+    return model, [torch.randn(64, 128, generator=g) for _ in range(8)]
+
+
+def test_spectral_allocation_beats_uniform_on_unequal_spectra():
+    errors = {}
+    for allocation in ("uniform", "spectral"):
+        model, calib = unequal_spectra_model()
+        cfg = sl.CompressConfig(keep=0.4, targets=["0", "1"], allocation=allocation, options={"variant": "whiten"})
+        rep = sl.compress(model, cfg, calib=calib, progress=False)
+        assert rep.kept_params <= rep.budget
+        errors[allocation] = sum(r.output_error ** 2 for r in rep.rows)
+        if allocation == "spectral":
+            ranks = [model[i].spec.rank if hasattr(model[i], "spec") else 128 for i in (0, 1)]
+            assert ranks[0] < ranks[1]  # the nearly low-rank layer gives its parameters to the flat one
+    assert errors["spectral"] < 0.8 * errors["uniform"]
+
+
+def test_spectral_allocation_is_exact_and_respects_tiles():
+    shapes = {"a": (576, 576, False), "b": (576, 1536, False), "c": (1536, 576, False), "d": (576, 192, False)}
+    m = methods.get("lowrank")
+    opts = m.Options(variant="svd")
+    g = torch.Generator().manual_seed(0)
+    curves = {}
+    for n, (k, o, b) in shapes.items():
+        w = torch.randn(o, k, generator=g, dtype=torch.float64) * torch.rand(k, generator=g, dtype=torch.float64)
+        curves[n] = m.error_curve(w, None, opts, m.candidates(k, o, b, opts))
+        assert curves[n] == sorted(curves[n], reverse=True)
+    for keep in (0.8, 0.6, 0.3):
+        plan = budget.allocate_spectral(shapes, m, opts, keep, curves)
+        used = sum(m.spec_params(s) if s else budget.dense_params(*shapes[n]) for n, s in plan.specs.items())
+        assert used == plan.used <= plan.budget
+        assert plan.budget - used < 64 * (1536 + 576)  # no further step fits
+        for n, s in plan.specs.items():
+            assert s is None or s.rank % budget.tile_quantum(*shapes[n][:2]) == 0

@@ -31,9 +31,10 @@ def get(name: str) -> Method:
 
 def for_layer(layer: StructuredLinear) -> Method:
     """The registered method whose Layer class built `layer`."""
-    for m in _REGISTRY.values():
-        if type(layer) is m.Layer:
-            return m
+    for cls in type(layer).__mro__:  # the closest registered class (subclasses such as compat.SSL too)
+        for m in _REGISTRY.values():
+            if cls is m.Layer:
+                return m
     raise ConfigError(f"{type(layer).__name__} is not a registered structured layer")
 
 

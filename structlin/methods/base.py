@@ -118,6 +118,11 @@ class Method:
             rank += q
         return out
 
+    def error_curve(self, weight: torch.Tensor, stats, opts, specs: list[Spec]) -> list[float] | None:
+        """Relative error of the projection at each of `specs` (increasing size), from statistics alone;
+        None if the method cannot predict it (then only uniform allocation is available)."""
+        return None
+
     def spec_params(self, spec: Spec) -> int:
         """Parameters a layer of this spec stores (without building it)."""
         raise NotImplementedError

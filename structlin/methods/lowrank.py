@@ -75,6 +75,24 @@ def damped_cholesky(gram: torch.Tensor, damp: float, where: str = "") -> torch.T
                            f"with damping {lam:g}; collect more calibration tokens")
 
 
+def transform(weight, variant, stats=None, alpha=0.5, damp=1e-6, where=""):
+    """(A, undo): the matrix A whose truncated SVD the variant takes — W, W·diag(s) (asvd) or W·L
+    (whiten) — and the map taking a right factor V of A back to a right factor of W."""
+    if variant == "svd":
+        return weight, lambda v: v
+    if stats is None:
+        raise CalibrationError(f"{where}: lowrank variant '{variant}' needs calibration data "
+                               f"(pass calib=...), or use variant 'svd'")
+    if variant == "asvd":
+        s = stats.absmean().to(weight).pow(alpha)
+        s = s.clamp_min(s.max() * 1e-6 + torch.finfo(s.dtype).tiny)
+        return weight * s, lambda v: v / s
+    if variant == "whiten":
+        L = damped_cholesky(stats.gram_mean().to(weight), damp, where)
+        return weight @ L, lambda v: torch.linalg.solve_triangular(L, v, upper=False, left=False)  # v L⁻¹
+    raise ValueError(variant)
+
+
 def _split(U, S, Vh, k):
     r = S[:k].sqrt()
     return U[:, :k] * r, r[:, None] * Vh[:k]
@@ -83,24 +101,10 @@ def _split(U, S, Vh, k):
 def factorize(weight: torch.Tensor, rank: int, variant: str, stats=None, alpha: float = 0.5,
               damp: float = 1e-6, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(U (N×k), V (k×K)) minimising the variant's objective; `weight` is (N × K) float64."""
-    if variant == "svd":
-        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        return _split(U, S, Vh, rank)
-    if stats is None:
-        raise CalibrationError(f"{where}: lowrank variant '{variant}' needs calibration data "
-                               f"(pass calib=...), or use variant 'svd'")
-    if variant == "asvd":
-        s = stats.absmean().to(weight).pow(alpha)
-        s = s.clamp_min(s.max() * 1e-6 + torch.finfo(s.dtype).tiny)
-        U, S, Vh = torch.linalg.svd(weight * s, full_matrices=False)
-        u, v = _split(U, S, Vh, rank)
-        return u, v / s
-    if variant == "whiten":
-        L = damped_cholesky(stats.gram_mean().to(weight), damp, where)
-        U, S, Vh = torch.linalg.svd(weight @ L, full_matrices=False)
-        u, v = _split(U, S, Vh, rank)
-        return u, torch.linalg.solve_triangular(L, v, upper=False, left=False)  # v L⁻¹
-    raise ValueError(variant)
+    a, undo = transform(weight, variant, stats, alpha, damp, where)
+    U, S, Vh = torch.linalg.svd(a, full_matrices=False)
+    u, v = _split(U, S, Vh, rank)
+    return u, undo(v)
 
 
 class LowRank(Method):
@@ -115,6 +119,14 @@ class LowRank(Method):
     def candidates(self, in_features, out_features, bias, opts):
         return self.rank_ladder(lambda k: LowRankSpec(in_features, out_features, bias, k),
                                 in_features, out_features, bias)
+
+    def error_curve(self, weight, stats, opts, specs):
+        """Σ_{i>k} σ_i² / Σ σ_i² of the variant's matrix: for whiten exactly the relative calibration
+        output error ‖(W − Ŵ)X‖²/‖WX‖² at rank k."""
+        m, _ = transform(weight, opts.variant, stats, opts.alpha, opts.damp, getattr(stats, "name", ""))
+        sv2 = torch.linalg.svdvals(m).pow(2)
+        total = sv2.sum().clamp_min(torch.finfo(sv2.dtype).tiny)
+        return [(sv2[s.rank:].sum() / total).item() for s in specs]
 
     def spec_params(self, spec):
         return spec.rank * (spec.in_features + spec.out_features) + spec.out_features * spec.bias

@@ -143,10 +143,11 @@ class SS1Linear(StructuredLinear):
         self._merged: dict = {}
         self.weight = nn.Parameter(torch.empty(spec.out_features, spec.buckets, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(spec.out_features, dtype=dtype, device=device)) if spec.bias else None
-        with torch.no_grad():  # fan-in of the virtual matrix; projection or loading overwrites it
+        if self.weight.device.type != "meta":  # fan-in of the virtual matrix; projection or loading overwrites it
             bound = spec.in_features ** -0.5
-            self.weight.uniform_(-bound, bound, generator=torch.Generator(device=self.weight.device)
-                                 .manual_seed(spec.seed))
+            g = torch.Generator().manual_seed(spec.seed)
+            with torch.no_grad():
+                self.weight.copy_(torch.empty(self.weight.shape).uniform_(-bound, bound, generator=g))
         if spec.scheme == "blockwise":
             self.register_buffer("rot", blockwise_rotations(spec).to(device))
             return
@@ -335,11 +336,11 @@ class SS1(Method):
         return {"gram"} if opts.projection == "lstsq" else set()
 
     def candidates(self, in_features, out_features, bias, opts):
-        if opts.r > 0 and opts.r * opts.bk > in_features:
-            raise ConfigError(f"ss1 r={opts.r} with hash block bk={opts.bk} needs in_features >= r·bk = "
-                              f"{opts.r * opts.bk}, but the layer has {in_features} inputs; choose r <= "
-                              f"{max(in_features // opts.bk, 1)} (or a smaller bk), or exclude this layer")
-        rs = [opts.r] if opts.r > 0 else [r for r in (16, 12, 8, 6, 5, 4, 3, 2) if r * opts.bk <= in_features]
+        if opts.r > in_features:
+            raise ConfigError(f"ss1 r={opts.r} is larger than the layer's {in_features} input features: each "
+                              f"stored input row must tie at least one real input; choose r <= {in_features} "
+                              f"or exclude this layer")
+        rs = [opts.r] if opts.r > 0 else [16, 12, 8, 6, 5, 4, 3, 2]
         dense = in_features * out_features + out_features * bias
         out = []
         for r in rs:
