@@ -61,22 +61,25 @@ def run_demo(out: Path = Path("docs/demo"), calib_n: int = 32, eval_tokens: int 
     t = time.perf_counter()
     stats = calibrate.collect(dense, targeting.select(dense), calib, {"gram", "absmean"})
     calib_s = time.perf_counter() - t
-    runs = [(v, k, False) for k in keeps for v in ("svd", "asvd", "whiten")]
+    runs = [(v, k, False, "uniform") for k in keeps for v in ("svd", "asvd", "whiten")]
     if sequential:
-        runs += [("whiten", k, True) for k in keeps]
-    for variant, keep, seq in runs:
+        runs += [("whiten", k, True, "uniform") for k in keeps]
+    runs += [("whiten", k, False, "spectral") for k in keeps]
+    for variant, keep, seq, allocation in runs:
         model = copy.deepcopy(dense)
-        cfg = sl.CompressConfig(method="lowrank", keep=keep, options={"variant": variant, "sequential": seq})
+        cfg = sl.CompressConfig(method="lowrank", keep=keep, allocation=allocation,
+                                options={"variant": variant, "sequential": seq})
         t = time.perf_counter()
         report = sl.compress(model, cfg, calib=calib if seq else None, stats=None if seq else stats)
         compress_s = time.perf_counter() - t + (0 if seq else calib_s)
         t = time.perf_counter()
         ppl = evaluate(model)
-        rows.append({"variant": variant + (" (sequential)" if seq else ""), "keep": keep,
+        label = variant + (" (sequential)" if seq else "") + (f", {allocation} allocation" if allocation != "uniform" else "")
+        rows.append({"variant": label, "keep": keep,
                      "achieved": report.achieved_keep, "params": report.model_params_after, **ppl,
                      "compress_s": compress_s, "eval_s": time.perf_counter() - t})
         print(_row_text(rows[-1], base), flush=True)
-        if (variant, keep, seq) == ("whiten", keeps[0], False):
+        if (variant, keep, seq, allocation) == ("whiten", keeps[0], False, "uniform"):
             (out / "report_whiten.md").write_text(report.to_markdown())
         del model
     total = time.perf_counter() - t_start
@@ -122,7 +125,10 @@ def _markdown(rows, base, calib_n, eval_tokens, seq_len, total, dt) -> str:
         lines.append(f"| {r['variant']} | {r['keep']:.2f} | {r['achieved']:.4f} | {r['params']:,} | "
                      f"{r[EVAL[0]]:.2f} | {r[EVAL[1]]:.2f} | {r[EVAL[0]] / base[EVAL[0]]:.2f} | "
                      f"{r[EVAL[1]] / base[EVAL[1]]:.2f} | {r['compress_s']:.1f} | {r['eval_s']:.1f} |")
-    lines += ["", "Compress time of the non-sequential rows includes the one shared calibration pass.",
+    lines += ["", "Compress time of the non-sequential rows includes the one shared calibration pass. "
+              "`uniform` allocation gives every layer the same fraction; `spectral` allocation spends the "
+              "same budget where it removes the most calibration output error per parameter (from the "
+              "whitened singular values, no extra data pass).",
               "", "![perplexity against keep](perplexity_vs_keep.png)", ""]
     return "\n".join(lines)
 
