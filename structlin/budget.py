@@ -36,6 +36,23 @@ class Plan:
     targeted: int = 0      # dense params of the targeted layers
 
 
+def _ladders(shapes, method, opts, plan: Plan) -> tuple[dict, dict]:
+    """Per layer, its size ladder (candidate specs, then None = stay dense) and the params of each rung;
+    also counts the targeted params into `plan` and notes layers with no structured form."""
+    ladders, cost = {}, {}
+    for name, (k, n, b) in shapes.items():
+        try:
+            cands = list(method.candidates(k, n, b, opts))
+        except StructlinError as e:
+            raise TargetError(f"module '{name}' ({n}×{k}): {e}") from None
+        ladders[name] = cands + [None]
+        cost[name] = [method.spec_params(s) for s in cands] + [dense_params(k, n, b)]
+        plan.targeted += cost[name][-1]
+        if not cands:
+            plan.reasons[name] = "no structured form is smaller than dense"
+    return ladders, cost
+
+
 def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, keep: float) -> Plan:
     """Give every layer the same share `keep` of its own params, then fill the remaining budget.
 
@@ -44,22 +61,13 @@ def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, kee
     last step of every ladder is "stay dense". The result never exceeds keep × targeted params, except
     where a layer's smallest structured form already exceeds its share.
     """
-    ladders, cost, pos, share = {}, {}, {}, {}
     plan = Plan()
-    for name, (k, n, b) in shapes.items():
-        dense = dense_params(k, n, b)
-        try:
-            cands = list(method.candidates(k, n, b, opts))
-        except StructlinError as e:
-            raise TargetError(f"module '{name}' ({n}×{k}): {e}") from None
-        ladders[name] = cands + [None]
-        cost[name] = [method.spec_params(s) for s in cands] + [dense]
-        share[name] = keep * dense
-        plan.targeted += dense
+    ladders, cost = _ladders(shapes, method, opts, plan)
+    share = {name: keep * cost[name][-1] for name in shapes}
+    pos = {}
+    for name in shapes:
         fits = [i for i, c in enumerate(cost[name]) if c <= share[name] + 1e-9]
         pos[name] = fits[-1] if fits else 0
-        if not cands:
-            plan.reasons[name] = "no structured form is smaller than dense"
     plan.budget = int(keep * plan.targeted + 1e-9)
     used = sum(cost[n][pos[n]] for n in shapes)
     while True:
@@ -97,22 +105,13 @@ def allocate_spectral(shapes: dict[str, tuple[int, int, bool]], method, opts, ke
     import heapq
 
     plan = Plan()
-    ladders, cost, err, pos = {}, {}, {}, {}
-    for name, (k, n, b) in shapes.items():
-        dense = dense_params(k, n, b)
-        try:
-            cands = list(method.candidates(k, n, b, opts))
-        except StructlinError as e:
-            raise TargetError(f"module '{name}' ({n}×{k}): {e}") from None
-        ladders[name] = cands + [None]
-        cost[name] = [method.spec_params(s) for s in cands] + [dense]
-        err[name] = list(curves[name]) + [0.0] if cands else [0.0]
-        if cands and len(curves[name]) != len(cands):
-            raise ValueError(f"{name}: {len(curves[name])} errors for {len(cands)} candidate sizes")
-        pos[name] = next((i for i, c in enumerate(cost[name]) if c >= floor * dense), len(cost[name]) - 1)
-        plan.targeted += dense
-        if not cands:
-            plan.reasons[name] = "no structured form is smaller than dense"
+    ladders, cost = _ladders(shapes, method, opts, plan)
+    err, pos = {}, {}
+    for name in shapes:
+        if len(curves[name]) != len(cost[name]) - 1:
+            raise ValueError(f"{name}: {len(curves[name])} errors for {len(cost[name]) - 1} candidate sizes")
+        err[name] = list(curves[name]) + [0.0]
+        pos[name] = next(i for i, c in enumerate(cost[name]) if c >= floor * cost[name][-1])
     plan.budget = int(keep * plan.targeted + 1e-9)
     used = sum(cost[n][pos[n]] for n in shapes)
 
