@@ -128,7 +128,10 @@ def _markdown(rows, base, calib_n, eval_tokens, seq_len, total, dt) -> str:
     lines += ["", "Compress time of the non-sequential rows includes the one shared calibration pass. "
               "`uniform` allocation gives every layer the same fraction; `spectral` allocation spends the "
               "same budget where it removes the most calibration output error per parameter (from the "
-              "whitened singular values, no extra data pass).",
+              "whitened singular values, no extra data pass). Spectral allocation loses to uniform here: the "
+              "per-layer calibration output error is a poor proxy for each layer's effect on the loss "
+              "(weighting it by output energy is worse still, 144 at keep 0.8); sensitivity-based "
+              "allocation is the next step.",
               "", "![perplexity against keep](perplexity_vs_keep.png)", ""]
     return "\n".join(lines)
 
