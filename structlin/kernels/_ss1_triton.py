@@ -292,32 +292,30 @@ def _mb(M):
     return triton.next_power_of_2(max(int(M), 1))
 
 
+def _tied_launch(plain, tuned, src, out, rot, bk, M, K, kc):
+    """Run a tied sketch kernel (forward or transposed) from `src` into `out`; autotuned on CUDA."""
+    R = rot.shape[0]
+    args = (src, rot, out, M, K, kc, src.stride(0), out.stride(0), _mb(M), R)
+    meta = dict(BK=bk, VEC=tied_vec(rot, bk), EVEN_K=K == kc * R)
+    if src.is_cuda:
+        tuned[lambda m: (triton.cdiv(M, m["BM"]), triton.cdiv(kc, m["BC"]))](*args, **meta)
+    else:
+        plain[(triton.cdiv(M, 4), triton.cdiv(kc, 16))](*args, **meta, BM=4, BC=16)
+    return out
+
+
 def tied_sketch(x, rot, bk, kc):
     """u (M × kc) = x S for the tied scheme; x (M × K) with unit column stride, rot (R,) int32 = δ_c."""
     M, K = x.shape
-    R = rot.shape[0]
     u = torch.empty(M, kc, dtype=x.dtype, device=x.device)
-    args = (x, rot, u, M, K, kc, x.stride(0), u.stride(0), _mb(M), R)
-    meta = dict(BK=bk, VEC=tied_vec(rot, bk), EVEN_K=K == kc * R)
-    if x.is_cuda:
-        _tied_sketch_tuned[lambda m: (triton.cdiv(M, m["BM"]), triton.cdiv(kc, m["BC"]))](*args, **meta)
-    else:
-        _tied_sketch_kernel[(triton.cdiv(M, 4), triton.cdiv(kc, 16))](*args, **meta, BM=4, BC=16)
-    return u
+    return _tied_launch(_tied_sketch_kernel, _tied_sketch_tuned, x, u, rot, bk, M, K, kc)
 
 
 def tied_sketch_t(g, rot, bk, K):
     """gx (M × K) = g Sᵀ for the tied scheme; g (M × kc) with unit column stride."""
     M, kc = g.shape
-    R = rot.shape[0]
     gx = torch.empty(M, K, dtype=g.dtype, device=g.device)
-    args = (g, rot, gx, M, K, kc, g.stride(0), gx.stride(0), _mb(M), R)
-    meta = dict(BK=bk, VEC=tied_vec(rot, bk), EVEN_K=K == kc * R)
-    if g.is_cuda:
-        _tied_sketch_t_tuned[lambda m: (triton.cdiv(M, m["BM"]), triton.cdiv(kc, m["BC"]))](*args, **meta)
-    else:
-        _tied_sketch_t_kernel[(triton.cdiv(M, 4), triton.cdiv(kc, 16))](*args, **meta, BM=4, BC=16)
-    return gx
+    return _tied_launch(_tied_sketch_t_kernel, _tied_sketch_t_tuned, g, gx, rot, bk, M, K, kc)
 
 
 def tied_decode(x, rot, weight, bias, bk):
