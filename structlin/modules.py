@@ -40,10 +40,6 @@ def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return module.weight.t(), getattr(module, "bias", None)
 
 
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the module called `name` (dotted path) inside `model`."""
     parent_name, _, child = name.rpartition(".")

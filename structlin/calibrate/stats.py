@@ -88,10 +88,3 @@ class Stats:
         for v in held + [tokens]:
             dist.all_reduce(v)
         self.tokens = int(tokens.item())
-
-    def to(self, device) -> "Stats":
-        for name in ("gram", "abs_sum"):
-            v = getattr(self, name)
-            if v is not None:
-                setattr(self, name, v.to(device))
-        return self
