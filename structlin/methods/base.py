@@ -135,6 +135,11 @@ class Method:
         """Fit a layer of `spec` to the dense (out, in) `weight` (float64 on entry), using `stats`."""
         raise NotImplementedError
 
+    def training_hooks(self, model, layers: dict, options: dict) -> list:
+        """`structlin.heal.hooks.TrainingHook`s this structure needs during training (pruning, budget
+        projection, structure optimizer groups) for its `layers` (name -> layer) in `model`."""
+        return []
+
     def build(self, spec: Spec, dtype=None, device=None) -> StructuredLinear:
         """An unfilled layer of `spec` (used when loading)."""
         return self.Layer(spec, dtype=dtype, device=device)
