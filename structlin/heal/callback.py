@@ -23,5 +23,8 @@ class StructlinCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         run_after_backward(self.hooks, model, state.global_step)
 
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        for h in self.hooks:  # hooks that reshape parameters (LoSparse row-gating) update the optimizer too
+            if optimizer is not None and hasattr(h, "attach_optimizer"):
+                h.attach_optimizer(optimizer)
         run_after_optimizer_step(self.hooks, model, state.global_step)
