@@ -39,6 +39,7 @@ def for_layer(layer: StructuredLinear) -> Method:
 
 
 from . import espace, lowrank, ss1  # noqa: E402,F401  (each registers itself)
+from . import gblr  # noqa: E402,F401
 
 __all__ = ["Method", "Spec", "StructuredLinear", "register", "available", "get", "for_layer"]
 from . import losparse  # noqa: E402,F401  (LoSparse: low-rank + row-structured sparse)

@@ -1,0 +1,87 @@
+"""Block-sparse "chunk list" GEMM for exported GBLR layers: the torch reference (also the CPU path) and the
+dispatch to the Triton kernel.
+
+One operation serves both stages of an exported layer:
+
+    out[:, b·W : (b+1)·W] = Σ_{e = ptr[b]}^{ptr[b+1]−1}  A[:, acol[e] : acol[e] + D] @ Bt[brow[e] : brow[e] + D, :]
+
+A is (M × ka), Bt is (R × W) (W = the output block width), D = `depth` (the rows of Bt one entry reads).
+Columns of A at or beyond ka read as zero (a partial last tile); output columns at or beyond `out_cols` are
+dropped. Each entry is one dense (M × D)·(D × W) product, so the work is exactly Σ_e 2·M·D·W FLOPs: the
+cost follows the number of entries, i.e. the snapped structure.
+
+* stage 1 (input side): A = x, W = s (rank of a component), block b = component, entries = its input tiles
+  (D = tile), Bt = the packed input factor (Σ_k n_in,k·tile × s).
+* stage 2 (output side): A = h (M × C·s), W = tile, block b = output tile, entries = the components whose
+  output box covers the tile (D = s), Bt = the packed output factor, tile-major (s·Σ_k n_out,k × tile).
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def triton_module():
+    """The Triton kernels (imported on first use; set TRITON_INTERPRET=1 before that for CPU)."""
+    return importlib.import_module("structlin.kernels._gblr_triton")
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _HALF else t
+
+
+def block_of_entry(ptr: torch.Tensor) -> torch.Tensor:
+    """(E,) int64: the output block of every entry of a chunk list."""
+    nb = ptr.numel() - 1
+    return torch.repeat_interleave(torch.arange(nb, device=ptr.device), (ptr[1:] - ptr[:-1]).long())
+
+
+def chunk_gemm_ref(a: torch.Tensor, bt: torch.Tensor, ptr: torch.Tensor, acol: torch.Tensor,
+                   brow: torch.Tensor, depth: int, out_cols: int, bias: torch.Tensor | None = None,
+                   blk: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunk-list GEMM in torch: gathers every entry's (M × D) slice of A and (D × W) block of Bt, one
+    batched product, and sums the products into their output blocks. Accumulates in fp32 for half inputs
+    (fp64 for fp64); differentiable in a, bt and bias. Work and memory follow the number of entries."""
+    M, W, nb = a.shape[0], bt.shape[1], ptr.numel() - 1
+    aa = _acc(a)
+    if acol.numel() == 0:
+        out = aa.new_zeros(M, nb * W)
+    else:
+        if blk is None:
+            blk = block_of_entry(ptr)
+        ar = torch.arange(depth, device=a.device)
+        need = int(acol.max()) + depth
+        ap = F.pad(aa, (0, max(0, need - a.shape[1])))
+        ag = ap[:, acol.long()[:, None] + ar].permute(1, 0, 2)          # (E, M, D)
+        bg = _acc(bt)[brow.long()[:, None] + ar]                         # (E, D, W)
+        prod = torch.bmm(ag, bg.to(ag.dtype))                            # (E, M, W)
+        out = aa.new_zeros(nb, M, W).index_add(0, blk, prod).permute(1, 0, 2).reshape(M, nb * W)
+    out = out[:, :out_cols]
+    if bias is not None:
+        out = out + _acc(bias)
+    return out.to(a.dtype)
+
+
+def triton_supported(a: torch.Tensor, depth: int, width: int) -> bool:
+    """Whether the Triton kernel runs this call: CUDA (or the interpreter), fp16/bf16/fp32, depth and block
+    width multiples of 16 (tensor-core tiles)."""
+    return (HAVE_TRITON and a.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and depth % 16 == 0 and width % 16 == 0 and width <= 4096)
+
+
+def chunk_gemm(a: torch.Tensor, bt: torch.Tensor, ptr: torch.Tensor, acol: torch.Tensor, brow: torch.Tensor,
+               depth: int, out_cols: int, bias: torch.Tensor | None = None, *, use_triton: bool | None = None,
+               config: dict | None = None, blk: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunk-list GEMM (see the module docstring). `use_triton`: None = Triton on CUDA tensors when
+    supported, torch reference otherwise; True forces Triton (under TRITON_INTERPRET=1 also on CPU)."""
+    if use_triton is None:
+        use_triton = a.is_cuda and triton_supported(a, depth, bt.shape[1])
+    if use_triton:
+        return triton_module().chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias, config)
+    return chunk_gemm_ref(a, bt, ptr, acol, brow, depth, out_cols, bias, blk)
