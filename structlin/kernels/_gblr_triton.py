@@ -50,9 +50,9 @@ def _chunk_gemm_kernel(a_ptr, bt_ptr, ptr_ptr, acol_ptr, brow_ptr, bias_ptr, out
         else:
             bv = tl.load(bt_ptr + brows[:, None] * sbr + cn[None, :], mask=(cn < W)[None, :], other=0.0)
         if IEEE:
-            acc = tl.dot(av, bv, acc, input_precision="ieee")
+            acc += tl.dot(av, bv, input_precision="ieee")
         else:
-            acc = tl.dot(av, bv, acc)
+            acc += tl.dot(av, bv)  # (the interpreter mishandles bf16 with an acc operand)
     oc = b * W + cn
     ok = (cn < W) & (oc < OUT_COLS)
     if HAS_BIAS:
