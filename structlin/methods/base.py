@@ -66,6 +66,21 @@ class StructuredLinear(nn.Module):
         """Floating-point operations (2 per multiply-add) of a forward over `tokens` rows."""
         raise NotImplementedError
 
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        """For structures that end in a dense map, y = inner(x) @ outer_weight()ᵀ + b: the inner features
+        h (…, d) — the low-rank code, the ESPACE projection, the SS1 sketch. Adapters (LoRA) act on h, so
+        they merge exactly into `outer_weight`. Structures without such a split raise."""
+        raise NotImplementedError(f"{type(self).__name__} ({self.spec.method}) has no inner/outer split; "
+                                  "LoRA-on-structure supports lowrank, espace and ss1 (tied/table)")
+
+    def outer(self, h: torch.Tensor) -> torch.Tensor:
+        """y = h outer_weight()ᵀ + bias (see `inner`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no inner/outer split")
+
+    def outer_weight(self) -> torch.Tensor:
+        """The (out_features × d) weight of the final dense map (a Parameter; see `inner`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no inner/outer split")
+
     def extra_repr(self) -> str:
         fields = ", ".join(f"{k}={v}" for k, v in self.spec.to_dict().items()
                            if k not in ("in_features", "out_features"))

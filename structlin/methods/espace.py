@@ -88,6 +88,15 @@ class EspaceLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return self.proj_out.weight @ self.P.T                       # (N × L)(L × K)
 
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.P
+
+    def outer(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(h)
+
+    def outer_weight(self) -> torch.Tensor:
+        return self.proj_out.weight
+
     def num_params(self) -> int:
         return self.P.numel() + sum(p.numel() for p in self.parameters())
 

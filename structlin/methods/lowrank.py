@@ -55,6 +55,15 @@ class LowRankLinear(StructuredLinear):
     def to_dense(self) -> torch.Tensor:
         return self.up.weight @ self.down.weight
 
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(x)
+
+    def outer(self, h: torch.Tensor) -> torch.Tensor:
+        return self.up(h)
+
+    def outer_weight(self) -> torch.Tensor:
+        return self.up.weight
+
     def flops(self, tokens: int = 1) -> int:
         s = self.spec
         return 2 * tokens * s.rank * (s.in_features + s.out_features)

@@ -237,6 +237,28 @@ class SS1Linear(StructuredLinear):
             return K_ops.rotation_index(self.rot, s.in_features, s.bk)[nb]
         return self.bucket.long()[None].expand(s.out_features, -1)
 
+    def inner(self, x: torch.Tensor) -> torch.Tensor:
+        """The sketch u = x S (…, buckets); y = u weightᵀ + bias. Not defined for the blockwise scheme,
+        whose sketch differs per output block."""
+        s = self.spec
+        if s.scheme == "blockwise":
+            raise NotImplementedError("SS1 blockwise has no single input sketch (it differs per output block); "
+                                      "LoRA-on-structure needs scheme 'tied' or 'table'")
+        x2 = x.reshape(-1, s.in_features).contiguous()
+        if s.scheme == "tied":
+            u = K_ops.ss1_tied_sketch(x2, self.rot_tied, s.bk, s.buckets)
+        else:
+            u = K_ops.ss1_sketch(x2, self.members, self.coef, self.bucket, self.scale)
+        return u.reshape(*x.shape[:-1], s.buckets)
+
+    def outer(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight, self.bias)
+
+    def outer_weight(self) -> torch.Tensor:
+        if self.spec.scheme == "blockwise":
+            self.inner(torch.empty(0, self.spec.in_features))   # raises the explanation
+        return self.weight
+
     def to_dense(self) -> torch.Tensor:
         W = torch.gather(self.weight, 1, self.virtual_index())
         return W if self.spec.scheme == "blockwise" else W * self.scale.to(W.dtype)
