@@ -1,4 +1,4 @@
-"""`structlin` command line: compress, eval, demo (and dry runs).
+"""`structlin` command line: compress, eval, heal, demo (and dry runs).
 
 Bad arguments and bad input print one line, `structlin: error: ...`, and exit with status 2.
 """
@@ -95,6 +95,45 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_heal(a) -> int:
+    import torch
+
+    import structlin as sl
+
+    from . import data, io
+    from .heal import heal
+
+    if not (Path(a.model) / io.META).is_file():
+        raise sl.LoadError(f"{a.model} is not a structlin directory (no {io.META}); compress it first")
+    if Path(a.out).exists() and not a.overwrite:
+        raise sl.StructlinError(f"{a.out} already exists; pass --overwrite to replace it")
+    model, tok = _load(a.model, "float32")               # fp32 master weights
+    if tok is None:
+        raise sl.ConfigError(f"{a.model} has no tokenizer; save it with save_pretrained(..., tokenizer=)")
+    teacher = None
+    if a.teacher:
+        teacher, _ = _load(a.teacher, "bfloat16" if a.autocast == "bfloat16" else "float32")
+    pool = data.token_windows(data.text(a.data), tok, (a.skip + a.windows) * a.seq_len, a.seq_len)[a.skip:]
+    if len(pool) == 0:
+        raise sl.ConfigError(f"text {a.data!r} has no windows of {a.seq_len} tokens after skipping {a.skip}")
+    train = [{"input_ids": w[None], "attention_mask": torch.ones(1, a.seq_len, dtype=torch.long)} for w in pool]
+    ckpt = Path(a.checkpoint_dir) if a.checkpoint_dir else Path(a.out).with_name(Path(a.out).name + ".checkpoints")
+    res = heal(model, train, steps=a.steps, teacher=teacher, lr=a.lr, lm_weight=a.lm_weight,
+               kl_weight=a.kl_weight if teacher is not None else 0.0, hidden_weight=a.hidden_weight,
+               temperature=a.temperature, train=a.train, grad_accum=a.batch,
+               autocast_dtype=None if a.autocast == "none" else getattr(torch, a.autocast),
+               checkpoint_dir=ckpt, checkpoint_every=a.checkpoint_every, seed=a.seed)
+    print(res)
+    model.structlin_history = list(getattr(model, "structlin_history", [])) + [{
+        "heal": {"steps": a.steps, "lr": a.lr, "data": a.data, "windows": len(train), "seq_len": a.seq_len,
+                 "teacher": a.teacher, "kl_weight": a.kl_weight if teacher is not None else 0.0,
+                 "lm_weight": a.lm_weight, "final_loss": res.losses[-1]}}]
+    model = model.to(getattr(torch, a.save_dtype))
+    sl.save_pretrained(model, a.out, tokenizer=tok, overwrite=a.overwrite)
+    print(f"saved to {a.out} (checkpoints in {ckpt}; delete them when done)")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
@@ -138,6 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     e.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("heal", help="train a compressed model's structured layers (distillation + LM loss)",
+                       description="Heal the structlin directory MODEL on text windows; resumes from its "
+                                   "checkpoints if killed; saves the healed model to --out.")
+    h.add_argument("model")
+    h.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    h.add_argument("--out", required=True, help="output directory")
+    h.add_argument("--teacher", help="dense model to distil from ('smollm2', a directory or a transformers id)")
+    h.add_argument("--data", default="austen-calib", help="training text (default austen-calib)")
+    h.add_argument("--windows", type=int, default=256, help="training windows of --seq-len tokens")
+    h.add_argument("--skip", type=int, default=32, help="windows skipped at the start (the calibration ones)")
+    h.add_argument("--seq-len", type=int, default=512)
+    h.add_argument("--batch", type=int, default=1, help="windows per optimizer step (gradient accumulation)")
+    h.add_argument("--lr", type=float, default=2e-4)
+    h.add_argument("--lm-weight", type=float, default=1.0)
+    h.add_argument("--kl-weight", type=float, default=1.0, help="used with --teacher")
+    h.add_argument("--hidden-weight", type=float, default=0.0)
+    h.add_argument("--temperature", type=float, default=1.0)
+    h.add_argument("--train", default="structured", choices=["structured", "all"])
+    h.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "float16", "none"])
+    h.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    h.add_argument("--checkpoint-dir", help="default: OUT.checkpoints next to --out")
+    h.add_argument("--checkpoint-every", type=int, default=50)
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--overwrite", action="store_true")
+    h.set_defaults(func=cmd_heal)
 
     d = sub.add_parser("demo", help="compress SmolLM2 with low-rank variants; write a table and a plot")
     d.add_argument("--out", default="docs/demo")
