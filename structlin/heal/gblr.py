@@ -1,7 +1,8 @@
 """GBLR during training: the exact budget projection, the structure optimizer group, σ annealing.
 
-**Budget.** A layer's cost is c(w) = Σ_k s·(n_in,k + n_out,k), n = round(w·dim/q)·q (q = the layer's
-rounding quantum in elements: 1, or the export tile for snap-aware training). After every optimizer step
+**Budget.** A layer's cost is c(w) = Σ_k s·(n_in,k + n_out,k) over the components whose two rounded
+boxes are non-empty, n = round(w·dim/q)·q (q = the layer's rounding quantum in elements: 1, or the export
+tile for snap-aware training). After every optimizer step
 the widths are projected onto {cost ≤ B} by the soft-threshold
 
     w ← clamp(w − λ·s·dim, 0, 1)
@@ -39,7 +40,8 @@ ITERS = 64
 
 def _flatten(layers):
     """Per width: value, rank s, side length, quantum, layer index (float64/long tensors on the CPU)."""
-    w, s, dim, q, idx = [], [], [], [], []
+    w, s, dim, q, idx, partner = [], [], [], [], [], []
+    off = 0
     for i, layer in enumerate(layers):
         K, N = layer.dims()
         C = layer.spec.components
@@ -48,14 +50,16 @@ def _flatten(layers):
         dim.append(torch.tensor([float(K)] * C + [float(N)] * C, dtype=torch.float64))
         q.append(torch.full((2 * C,), float(layer.quantum), dtype=torch.float64))
         idx.append(torch.full((2 * C,), i, dtype=torch.long))
-    return torch.cat(w), torch.cat(s), torch.cat(dim), torch.cat(q), torch.cat(idx)
+        partner.append(off + (torch.arange(2 * C) + C) % (2 * C))
+        off += 2 * C
+    return torch.cat(w), torch.cat(s), torch.cat(dim), torch.cat(q), torch.cat(idx), torch.cat(partner)
 
 
 class Problem:
     """The projection problem on flat width vectors; `cost(lam)` is per layer, lam per layer (L,)."""
 
-    def __init__(self, w, s, dim, q, idx, L, integer=True):
-        self.w, self.s, self.dim, self.q, self.idx, self.L = w, s, dim, q, idx, L
+    def __init__(self, w, s, dim, q, idx, partner, L, integer=True):
+        self.w, self.s, self.dim, self.q, self.idx, self.partner, self.L = w, s, dim, q, idx, partner, L
         self.c = s * dim
         self.integer = integer
 
@@ -68,7 +72,12 @@ class Problem:
         return v.clamp(0, 1) * self.dim
 
     def cost_of(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.L, dtype=torch.float64).index_add_(0, self.idx, self.s * self.elems(v))
+        """Per layer. Integer mode charges what the forward runs: components with both rounded boxes
+        non-empty (a component with one empty side computes nothing and is dropped at export)."""
+        e = self.elems(v)
+        if self.integer:
+            e = e * ((e > 0) & (e[self.partner] > 0))
+        return torch.zeros(self.L, dtype=torch.float64).index_add_(0, self.idx, self.s * e)
 
     def cost(self, lam_layer: torch.Tensor) -> torch.Tensor:
         return self.cost_of(self.widths(lam_layer))
@@ -145,8 +154,7 @@ def project_layers(layers: dict, budget: str = "layer", floor: float = 0.25, int
     mods = [layers[n] for n in names]
     if not mods:
         return {}
-    w, s, dim, q, idx = _flatten(mods)
-    prob = Problem(w, s, dim, q, idx, len(mods), integer)
+    prob = Problem(*_flatten(mods), len(mods), integer)
     b = torch.tensor([float((budgets or {}).get(n, m.spec.budget)) for n, m in zip(names, mods)],
                      dtype=torch.float64)
     floors = floor * b if budget == "network" and floor > 0 else None

@@ -84,7 +84,9 @@ def chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias=None, config=None):
     nb = ptr.numel() - 1
     cfg = dict(default_config(M, depth, W))
     cfg.update(config or {})
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    BM, BN, BK = cfg["BM"], min(cfg["BN"], _pow2_at_most(max(W, 16), 4096) * 2), cfg["BK"]
+    while BK > 16 and depth % BK:  # a configuration tuned for a deeper chunk: the largest BK that divides
+        BK //= 2
     if depth % BK:
         raise ValueError(f"chunk_gemm: depth {depth} is not a multiple of BK={BK}")
     a = a.contiguous()
