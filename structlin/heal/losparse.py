@@ -15,7 +15,8 @@ gradients still present — the reference's order):
 With β₂ = 1 and mean/sum aggregation everything above is linear, so only per-row sums are kept (k floats
 per layer instead of three k × K tensors); uncertainty or max need per-entry state.
 
-The cubic schedule of the kept fraction ρ of S's entries (T = total_steps, t_i, t_f in steps, r_f final):
+The cubic schedule of the kept fraction ρ of S's entries (T = total_steps, t_i, t_f in steps, r_f final,
+t = step + 1 = optimizer steps completed, so the last call of a run, t = T, masks at r_f):
 
     t ≤ t_i                 ρ = ρ₀ (1),   no masking
     t_i < t ≤ T − t_f       ρ = r_f + (ρ₀ − r_f)(1 − (t − t_i)/(T − t_i − t_f))³,  mask when t % ΔT == 0
@@ -170,11 +171,13 @@ class LoSparsePruner(TrainingHook):
         if self.score == "platon":
             for st in self.states.values():
                 self._accumulate(st, step)
-        rho, do_mask = kept_fraction(step, self.total_steps, self.t_i, self.t_f, self.final_rho(),
+        t = step + 1  # completed optimizer steps: the last call (t = T) is at r_f
+        rho, do_mask = kept_fraction(t, self.total_steps, self.t_i, self.t_f, self.final_rho(),
                                      self.delta_t, self.initial_keep)
+        do_mask = do_mask or (t >= self.total_steps and t > self.t_i)
         cut = None
         if do_mask:
-            cut = self.prune_to(schedule_progress(step, self.total_steps, self.t_i, self.t_f))
+            cut = self.prune_to(schedule_progress(t, self.total_steps, self.t_i, self.t_f))
             self.last = (step, rho, cut)
         for st in self.states.values():
             st.layer.zero_pruned()
