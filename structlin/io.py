@@ -47,12 +47,35 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_pretrained(model: nn.Module, path, *, tokenizer=None, overwrite: bool = False) -> Path:
-    """Write `model` (compressed or not) to directory `path`; refuse to replace it unless `overwrite`."""
+    """Write `model` (compressed or not) to directory `path`; refuse to replace it unless `overwrite`.
+
+    Under a torch.distributed process group only rank 0 writes; every rank returns once the files exist."""
+    from . import distributed
+
+    path = Path(path)
+    if distributed.active():
+        error = None
+        if distributed.is_main():
+            try:
+                _save(model, path, tokenizer, overwrite)
+            except BaseException as e:  # tell the other ranks, then raise here
+                error = e
+        flag = [error is not None]
+        import torch.distributed as dist
+        dist.broadcast_object_list(flag, src=0)
+        if error is not None:
+            raise error
+        if flag[0]:
+            raise StructlinError(f"rank 0 failed to save {path}; see its error")
+        return path
+    return _save(model, path, tokenizer, overwrite)
+
+
+def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool) -> Path:
     from safetensors.torch import save_model
 
     import structlin
 
-    path = Path(path)
     if path.exists() and not overwrite:
         raise StructlinError(f"{path} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     if path.exists() and not path.is_dir():

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..calibrate.collect import prepare_batch
 from .hooks import TrainingHook, hooks_for, run_after_backward, run_after_optimizer_step
 from .losses import hidden_mse, kl_distill
@@ -122,8 +123,8 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
          hooks: list[TrainingHook] | None = None, grad_accum: int = 1, warmup: int | None = None,
          min_lr_ratio: float = 0.1, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
          autocast_dtype: torch.dtype | None = None, checkpoint_dir=None, checkpoint_every: int | None = None,
-         keep_checkpoints: int = 2, progress: bool = True, seed: int = 0, stop_after: int | None = None
-         ) -> HealResult:
+         keep_checkpoints: int = 2, progress: bool = True, seed: int = 0, stop_after: int | None = None,
+         accelerator=None) -> HealResult:
     """Train `model` (a compressed causal LM) for `steps` optimizer steps on `data`.
 
     data:          a list of batches ({"input_ids", "attention_mask"} or token-id tensors), or an
@@ -136,6 +137,11 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
     autocast_dtype: e.g. torch.bfloat16 to compute in bf16 while parameters and optimizer stay in
                    their own dtype (fp32 master weights).
     stop_after:    stop (as if killed) after this many steps of this call; for testing resume.
+    accelerator:   an `accelerate.Accelerator` (DDP); without one, a torch.distributed process group
+                   (torchrun) is used if initialised. Each optimizer step then reads `grad_accum × world`
+                   micro-batches, rank r taking its own `grad_accum`; gradients are averaged across ranks,
+                   so the run equals a single process with `grad_accum × world` accumulation (to
+                   rounding). Losses are averaged across ranks; only rank 0 writes checkpoints.
     """
     if steps < 1:
         raise ValueError(f"heal: steps must be ≥ 1, got {steps}")
@@ -151,6 +157,11 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
     hooks = hooks_for(model, hook_options) if hooks is None else list(hooks)
     warmup = max(1, steps // 20) if warmup is None else warmup
     device = next(model.parameters()).device
+
+    if accelerator is not None:
+        world, rank = accelerator.num_processes, accelerator.process_index
+    else:
+        world, rank = distributed.world(), distributed.rank()
 
     opt = make_optimizer(model, hooks, lr=lr, weight_decay=weight_decay, train=train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, steps, warmup, min_lr_ratio))
@@ -184,23 +195,32 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
             p.requires_grad_(False)
     was_training = model.training
     model.train()
+    runner = model
+    if world > 1:
+        if accelerator is not None:
+            runner = accelerator.prepare_model(model)
+        else:
+            runner = torch.nn.parallel.DistributedDataParallel(model)
     need_hidden = hidden_weight > 0
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=start, desc="heal", unit="step")
     t0 = time.perf_counter()
     end = steps if stop_after is None else min(steps, start + stop_after)
-    order = micro_batch_order(len(batches), (end - start) * grad_accum, seed, start * grad_accum)
+    per_step = grad_accum * world
+    order = micro_batch_order(len(batches), (end - start) * per_step, seed, start * per_step)
     try:
         for step in range(start, end):
             total, parts = 0.0, {"lm": 0.0, "kl": 0.0, "hidden": 0.0}
             for j in range(grad_accum):
-                b = {k: v.to(device) for k, v in batches[order[(step - start) * grad_accum + j]].items()}
+                idx = order[(step - start) * per_step + rank * grad_accum + j]
+                b = {k: v.to(device) for k, v in batches[idx].items()}
                 mask = b.get("attention_mask")
                 ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
-                with ctx:
-                    out = model(**b, use_cache=False, output_hidden_states=need_hidden)
+                sync = j == grad_accum - 1 or runner is model
+                with ctx, (_nullctx() if sync else runner.no_sync()):
+                    out = runner(**b, use_cache=False, output_hidden_states=need_hidden)
                     t_out = None
                     if teacher is not None:
                         with torch.no_grad():
@@ -220,6 +240,8 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
                                              f"learning rate (now {lr:g}) or use fp32")
                 (loss / grad_accum).backward()
                 total += loss.item() / grad_accum
+            if world > 1:
+                total, parts = _mean_over_ranks(total, parts, device)
             run_after_backward(hooks, model, step)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_grad_norm)
@@ -234,7 +256,10 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
                 bar.set_postfix(loss=f"{total:.4f}")
             done = step + 1
             if checkpoint_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-                _save_checkpoint(checkpoint_dir, done, steps, trained, opt, sched, hooks, result, keep_checkpoints)
+                if rank == 0:
+                    _save_checkpoint(checkpoint_dir, done, steps, trained, opt, sched, hooks, result,
+                                     keep_checkpoints)
+                distributed.barrier()
     finally:
         if bar is not None:
             bar.close()
@@ -242,6 +267,16 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
     result.steps = end
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _mean_over_ranks(total: float, parts: dict, device) -> tuple[float, dict]:
+    import torch.distributed as dist
+
+    keys = sorted(parts)
+    t = torch.tensor([total] + [parts[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return t[0].item(), {k: t[i + 1].item() for i, k in enumerate(keys)}
 
 
 class _nullctx:
