@@ -60,7 +60,7 @@ def model_size(model: nn.Module) -> tuple[int, int]:
 
 
 def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict | None = None,
-             loss_fn=None, progress: bool = True) -> Report:
+             loss_fn=None, progress: bool = True, offload: bool = False, exec_device=None) -> Report:
     """Replace the targeted linear layers of `model` in place with `cfg.method` structures.
 
     calib: an iterable of batches (an `input_ids` tensor, or a dict of model kwargs with `attention_mask`)
@@ -68,6 +68,8 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
            error. stats: statistics from an earlier `calibrate.collect` on the same dense model (reused
            instead of a new pass; not allowed in sequential mode). loss_fn: `loss_fn(outputs, batch)` for
            methods whose statistics need gradients (ESPACE `nl`) on models without a built-in loss.
+    offload, exec_device: sequential mode only — keep cached activations on the CPU, and run each block
+           on `exec_device` (e.g. "cuda") while the model stays where it is (a model larger than the GPU).
     """
     if not isinstance(cfg, CompressConfig):
         raise ConfigError(f"cfg must be a structlin.CompressConfig, got {type(cfg).__name__}")
@@ -131,7 +133,8 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
             for name, st in block_stats.items():
                 replace(name, st)
 
-        rest = run_sequential(model, todo, calib, needs, on_block, progress=progress)
+        rest = run_sequential(model, todo, calib, needs, on_block, offload=offload, progress=progress,
+                              exec_device=exec_device)
         if rest:
             late = collect(model, {n: targets[n] for n in rest}, calib, needs, progress)
             for name in rest:

@@ -156,6 +156,17 @@ def test_sequential_first_block_sees_dense_inputs():
                for n in later)
 
 
+def test_sequential_offload_and_exec_device_give_the_same_model():
+    """Activations offloaded to the CPU and blocks run on an explicit device: same compressed weights."""
+    data = batches(n=3, pad=True)
+    a, b = tiny_llama(), tiny_llama()
+    cfg = sl.CompressConfig(keep=0.5, options={"variant": "whiten", "sequential": True})
+    sl.compress(a, cfg, calib=data, progress=False)
+    sl.compress(b, cfg, calib=data, progress=False, offload=True, exec_device="cpu")
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
 class Branches(torch.nn.Sequential):
     """Layers applied side by side to the same input (so each sees full-rank inputs)."""
 

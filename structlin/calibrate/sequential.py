@@ -4,6 +4,11 @@ it *after* they were compressed, so projection sees the activations the compress
 Peak memory is one block's statistics plus the cached block inputs (optionally offloaded to CPU): the
 inputs of block 0 are captured once (the forward stops there), then each block runs on the cached inputs
 twice — once to collect statistics, once (compressed) to produce the next block's inputs.
+
+A model larger than the accelerator: keep it on the CPU and pass `exec_device="cuda"`. Each block then
+moves to the accelerator for its calibration, projection and forward, and back to the CPU afterwards;
+with `offload=True` the cached activations stay on the CPU too, so accelerator memory holds one block
+and one batch at a time.
 """
 from __future__ import annotations
 
@@ -46,11 +51,24 @@ def _with_hidden(args, kwargs, h):
     return args, {**kwargs, "hidden_states": h}
 
 
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
 def run_sequential(model: nn.Module, targets: dict[str, nn.Module], batches: Iterable, needs: set[str],
                    on_block: Callable[[int, dict[str, Stats]], None], offload: bool = False,
-                   progress: bool = True) -> list[str]:
+                   progress: bool = True, exec_device=None) -> list[str]:
     """Calibrate block by block; `on_block(i, stats)` must compress block i's targets in place.
 
+    exec_device: where each block runs (moved there and back); default: where the block lives.
     Returns the target names outside every block (the caller calibrates those on the whole model).
     """
     prefix, blocks = find_blocks(model, targets)
@@ -79,22 +97,27 @@ def run_sequential(model: nn.Module, targets: dict[str, nn.Module], batches: Ite
     if not cache:
         raise CalibrationError("calibration data is empty: the iterable gave no batches")
 
-    device = next(blocks[0].parameters()).device
     for b, block in enumerate(_progress(blocks, "sequential calibration", progress, len(blocks))):
-        mine = {n: m for n, m in targets.items() if n.startswith(f"{prefix}.{b}.")}
+        home = next(block.parameters()).device
+        device = torch.device(exec_device) if exec_device is not None else home
+        if device != home:
+            block.to(device)
+        mine = {f"{prefix}.{b}." + n: m for n, m in block.named_modules()
+                if f"{prefix}.{b}." + n in targets}
         with torch.no_grad():
             if mine:
                 with Collector(mine, needs) as col:
                     for args, kwargs, mask in cache:
-                        a, k = _with_hidden(args, kwargs, _hidden(args, kwargs).to(device))
-                        col.start_batch(mask)
-                        block(*a, **k)
+                        col.start_batch(None if mask is None else mask.to(device))
+                        block(*_to(args, device), **_to(kwargs, device))
                         col.end_batch()
                 on_block(b, col.finish())
             for entry in cache:
                 args, kwargs, _ = entry
-                a, k = _with_hidden(args, kwargs, _hidden(args, kwargs).to(device))
-                out = block(*a, **k)
+                out = block(*_to(args, device), **_to(kwargs, device))
                 h = out[0] if isinstance(out, (tuple, list)) else out
-                entry[0], entry[1] = _with_hidden(args, kwargs, h.to("cpu") if offload else h)
+                entry[0], entry[1] = _with_hidden(args, kwargs, h.to("cpu") if offload else h.to(
+                    _hidden(args, kwargs).device))
+        if device != home:
+            block.to(home)
     return [n for n in targets if not n.startswith(prefix + ".")]
