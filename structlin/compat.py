@@ -187,3 +187,145 @@ def convert_to_ss_linear(model: nn.Module, reduction_factor: int, layer_indices=
         raise StructlinError(f"convert_to_ss_linear: internal error, layers left dense: {left[:6]}")
     model.structlin_report = report
     return model
+
+
+# ----------------------------------------------------------------------------- LoSparse (Li et al., ICML 2023)
+#
+# The released three-step recipe runs unchanged:
+#
+#     compat.substitute_layer_weights(module=model, allow_name=allow_name, block_name=block_name,
+#                                     parameter_ratio=0.05, do_svd=True)
+#     pruner = compat.Pruner(model=model, args=args, total_step=T, mask_param_name=['sparse'],
+#                            pruner_name='PLATON', structured_method='mean', structured_direction='row')
+#     ... loss.backward(); optimizer.step()
+#     threshold, mask_threshold = pruner.update_and_pruning(model, completed_steps)
+#     ... optimizer.zero_grad()
+#
+# Differences from the released code, all deliberate: layers with a released-style name match are
+# `LoSparseLinear`s (stacked rank-(r+k) storage, any batch shape and dtype, save/load through structlin.io);
+# the rank is the released ceil(p·N·K/(N+K)) (no tile rounding, so released checkpoints' shapes hold);
+# a bias exists only where the dense layer had one; nothing is printed, and matching nothing warns;
+# `args.beta2` must lie in (0, 1] (the released 2.0 branch crashed); a pruned row never regrows; pass
+# `optimizer=` to `Pruner` and pruned rows leave memory during training (else `prune(model)` drops them).
+
+def _losparse_layer(linear: nn.Linear, ratio: float, has_sparse: bool, do_svd: bool):
+    from .methods.losparse import LoSparseLinear, LoSparseSpec, build_layer
+
+    N, K = linear.out_features, linear.in_features
+    if not (isinstance(ratio, (int, float)) and 0 <= ratio <= 1):
+        raise ConfigError(f"parameter_ratio must be a fraction in [0, 1], got {ratio!r}")
+    r = min(math.ceil(ratio * N * K / (N + K)), min(N, K))
+    bias = linear.bias is not None
+    spec = LoSparseSpec(K, N, bias, rank=r, kept=N if has_sparse else 0, target=N if has_sparse else 0)
+    w = linear.weight.detach()
+    if not do_svd:  # the released do_svd=False: L, R, S all zero
+        layer = LoSparseLinear(spec, dtype=w.dtype, device=w.device)
+        if bias:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+    w64 = w.to(torch.float64)
+    U, S, Vh = torch.linalg.svd(w64, full_matrices=False)
+    root = S[:r].sqrt()
+    u, v = U[:, :r] * root, root[:, None] * Vh[:r]
+    lines = torch.arange(spec.kept, device=w.device)
+    b64 = None if not bias else linear.bias.detach().to(torch.float64)
+    layer = build_layer(w64, b64, spec, u, v, lines)
+    return layer.to(dtype=w.dtype).train(linear.training)
+
+
+def substitute_layer_weights(module: nn.Module, allow_name=None, block_name=None, parameter_ratio: float = 0.15,
+                             has_sparse: bool = True, do_svd: bool = True, **kwargs) -> nn.Module:
+    """Replace, in place, every `nn.Linear` child whose attribute name is a substring of an entry of
+    `allow_name` by a LoSparse layer W ≈ L R + S (S = the full SVD residual, so the model is unchanged),
+    recursing into children whose name is not a substring of an entry of `block_name` (the released
+    matching rules and defaults). Returns `module`."""
+    unknown = sorted(set(kwargs) - {"remove_criteria", "log_level", "return_dict"})
+    if unknown:
+        raise TypeError(f"substitute_layer_weights() got unexpected keyword argument(s) {unknown}")
+    if kwargs.get("remove_criteria", "max_eigenvalue") != "max_eigenvalue":
+        raise ConfigError("substitute_layer_weights: only remove_criteria='max_eigenvalue' (the released "
+                          "scripts' choice) is supported")
+    allow = list(allow_name) if allow_name is not None else ["query", "key", "value", "dense", "attention"]
+    block = list(block_name) if block_name is not None else ["pooler", "classifier", "LayerNorm", "embeddings"]
+    replaced: list[str] = []
+
+    def walk(mod: nn.Module, prefix: str):
+        for name, child in list(mod.named_children()):
+            if type(child) is nn.Linear and any(name in a for a in allow):
+                setattr(mod, name, _losparse_layer(child, parameter_ratio, has_sparse, do_svd))
+                replaced.append(prefix + name)
+            elif not any(name in b for b in block):
+                walk(child, prefix + name + ".")
+
+    walk(module, "")
+    if not replaced:
+        warnings.warn(f"substitute_layer_weights: no nn.Linear matched allow_name={allow}; the model is "
+                      f"unchanged", stacklevel=2)
+    module.structlin_losparse_replaced = replaced
+    return module
+
+
+def _arg(args, name, default=None):
+    if isinstance(args, dict):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+class Pruner:
+    """The released `utils.Pruner` on `structlin.heal.losparse.LoSparsePruner`.
+
+    Reads beta1, beta2, deltaT, initial_threshold, final_threshold, initial_warmup, final_warmup and
+    warmup_steps from `args` (a namespace or dict): t_i = initial_warmup·warmup_steps, t_f =
+    final_warmup·warmup_steps, r_f = final_threshold, ρ₀ = initial_threshold. `pruner_name`: 'PLATON' or
+    'Magnitude'; `structured_method`: 'mean', 'sum' or 'max'; `structured_direction` must match the
+    layers ('row' for `substitute_layer_weights`)."""
+
+    def __init__(self, model, args, total_step, tb_writer=None, mask_param_name=None, non_mask_name=None,
+                 use_no_mask=False, pruner_name="PLATON", structured_method="mean", structured_direction="row",
+                 optimizer=None):
+        from .heal.losparse import LoSparsePruner
+        from .methods.losparse import LoSparseLinear
+
+        if mask_param_name not in (None, ["sparse"], ("sparse",)) or use_no_mask:
+            raise ConfigError("Pruner: only the sparse part of LoSparse layers is pruned (mask_param_name="
+                              "['sparse'], use_no_mask=False)")
+        names = {"PLATON": "platon", "Magnitude": "magnitude"}
+        if pruner_name not in names:
+            raise ConfigError(f"Pruner: pruner_name must be one of {list(names)}, got {pruner_name!r}")
+        if structured_direction not in ("row", "col"):
+            raise ConfigError(f"Pruner: structured_direction must be 'row' or 'col' ('row_col' is not supported: "
+                              f"it chose by single letters of parameter names), got {structured_direction!r}")
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoSparseLinear)}
+        if not layers:
+            raise ConfigError("Pruner: the model has no LoSparse layer; call substitute_layer_weights first")
+        wrong = [n for n, m in layers.items() if m.spec.direction != structured_direction]
+        if wrong:
+            raise ConfigError(f"Pruner: structured_direction={structured_direction!r} but layers such as "
+                              f"{wrong[0]!r} were built for direction {layers[wrong[0]].spec.direction!r}")
+        unit = int(_arg(args, "warmup_steps", 0) or 0)
+        self.total_step = int(total_step)
+        self.hook = LoSparsePruner(
+            layers, total_steps=self.total_step,
+            initial_warmup=int(_arg(args, "initial_warmup", 1)) * unit,
+            final_warmup=int(_arg(args, "final_warmup", 3)) * unit,
+            delta_t=int(_arg(args, "deltaT", 10)),
+            final_keep=float(_arg(args, "final_threshold", 0.1)),
+            initial_keep=float(_arg(args, "initial_threshold", 1.0)),
+            beta1=float(_arg(args, "beta1", 0.85)), beta2=float(_arg(args, "beta2", 1.0)),
+            score=names[pruner_name], aggregate=structured_method, ranking="global", optimizer=optimizer)
+
+    def update_and_pruning(self, model, global_step):
+        """After `optimizer.step()`, before `zero_grad()`: returns (kept fraction ρ(t), score cut or None)."""
+        return self.hook.step(model, int(global_step))
+
+
+def prune(module: nn.Module) -> nn.Module:
+    """The released `utils.prune`: drop the pruned rows of every LoSparse layer (keeps the kept rows only)."""
+    from .methods.losparse import compact
+
+    compact(module)
+    return module
+
+
+__all__ += ["substitute_layer_weights", "Pruner", "prune"]

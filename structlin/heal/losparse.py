@@ -240,6 +240,7 @@ class LoSparsePruner(TrainingHook):
 
     # ------------------------------------------------------------------ masking
     def final_rho(self) -> float:
+        """r_f as a fraction of all full-S entries (the layers' targets as the pruner was built)."""
         full = sum(st.full * st.len for st in self.states.values())
         return sum(st.target * st.len for st in self.states.values()) / max(full, 1)
 
@@ -276,7 +277,6 @@ class LoSparsePruner(TrainingHook):
                 if self.compact and self.optimizer is not None:
                     st.slice(st.layer.compact(self.optimizer))
             if progress == 0.0:  # final phase: what each layer keeps now is its target (global ranking moves it)
-                st.target = c
                 st.layer.spec = dataclasses.replace(st.layer.spec, target=c)
         return None if cut == math.inf else cut
 

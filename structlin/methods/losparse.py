@@ -329,8 +329,17 @@ class LoSparse(Method):
         return build_layer(weight, bias, spec, u, v, lines)
 
     def training_hooks(self, model, layers, options):
+        import inspect
+
         from ..heal.losparse import LoSparsePruner
 
+        valid = [n for n in inspect.signature(LoSparsePruner).parameters if n != "layers"]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown losparse pruner option(s) {unknown}; valid options: {valid}")
+        if "total_steps" not in options:
+            raise ConfigError("the losparse pruner needs total_steps (optimizer steps of the run), e.g. "
+                              "hooks_for(model, {'losparse': {'total_steps': 1000}})")
         return [LoSparsePruner(layers, **options)]
 
 
