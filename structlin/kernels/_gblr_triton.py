@@ -16,10 +16,14 @@ import triton.language as tl
 
 @triton.jit
 def _chunk_gemm_kernel(a_ptr, bt_ptr, ptr_ptr, acol_ptr, brow_ptr, bias_ptr, out_ptr,
-                       M, KA, OUT_COLS, NB, NSUB, sam, sak, sbr, som,
-                       W: tl.constexpr, DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       M, KA, KP, OUT_COLS, NB, NSUB, sam, sak, sbr, som,
+                       W: tl.constexpr, DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr, AFFINE_A: tl.constexpr,
                        EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Both stages keep the rows of Bt an entry reads contiguous (brow[e + 1] = brow[e] + DEPTH), so the B
+    address is affine in the step. AFFINE_A (stage 1): a block's entries are consecutive tiles of A,
+    cyclic over KP (the padded width), so the A address is affine too (one wrap); otherwise (stage 2) the
+    A column of every entry is read from the table."""
     pid = tl.program_id(0)
     nblk = NB * NSUB
     pid_m = pid // nblk
@@ -32,19 +36,24 @@ def _chunk_gemm_kernel(a_ptr, bt_ptr, ptr_ptr, acol_ptr, brow_ptr, bias_ptr, out
     NK: tl.constexpr = DEPTH // BK
     start = tl.load(ptr_ptr + b)
     end = tl.load(ptr_ptr + b + 1)
+    steps = (end - start) * NK
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     a_rows = a_ptr + rm[:, None] * sam
-    for it in range(start * NK, end * NK):
-        e = it // NK
-        kk = (it % NK) * BK
-        ac = tl.multiple_of(tl.load(acol_ptr + e), 16)
-        br = tl.multiple_of(tl.load(brow_ptr + e), 16)
-        cols = ac + kk + rk
+    b0 = tl.load(brow_ptr + start, mask=end > start, other=0)
+    a0 = tl.load(acol_ptr + start, mask=end > start, other=0)
+    for it in range(0, steps):
+        if AFFINE_A:
+            col0 = a0 + it * BK
+            col0 = tl.where(col0 >= KP, col0 - KP, col0)
+        else:
+            col0 = tl.load(acol_ptr + start + it // NK) + (it % NK) * BK
+        col0 = tl.multiple_of(col0, 16)
+        cols = col0 + rk
         if EVEN_M and EVEN_K:
             av = tl.load(a_rows + cols[None, :] * sak)
         else:
             av = tl.load(a_rows + cols[None, :] * sak, mask=(rm < M)[:, None] & (cols < KA)[None, :], other=0.0)
-        brows = br + kk + rk
+        brows = tl.multiple_of(b0 + it * BK, 16) + rk
         if W % BN == 0:
             bv = tl.load(bt_ptr + brows[:, None] * sbr + cn[None, :])
         else:
@@ -78,7 +87,9 @@ def default_config(M: int, depth: int, width: int) -> dict:
             "num_warps": 4, "num_stages": 3}
 
 
-def chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias=None, config=None):
+def chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias=None, config=None, affine_width=0):
+    """affine_width > 0: the entries of every block are consecutive depth-chunks of A, cyclic over
+    affine_width columns (stage 1), so the kernel computes A addresses instead of reading the table."""
     M, KA = a.shape
     W = bt.shape[1]
     nb = ptr.numel() - 1
@@ -98,8 +109,8 @@ def chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias=None, config=None):
     grid = (triton.cdiv(M, BM) * nb * nsub,)
     _chunk_gemm_kernel[grid](
         a, bt, ptr, acol, brow, bias if bias is not None else out, out,
-        M, KA, out_cols, nb, nsub, a.stride(0), a.stride(1), bt.stride(0), out.stride(0),
-        W=W, DEPTH=depth, HAS_BIAS=bias is not None, EVEN_M=M % BM == 0,
+        M, KA, affine_width or KA, out_cols, nb, nsub, a.stride(0), a.stride(1), bt.stride(0), out.stride(0),
+        W=W, DEPTH=depth, HAS_BIAS=bias is not None, AFFINE_A=affine_width > 0, EVEN_M=M % BM == 0,
         EVEN_K=KA % depth == 0,  # tables only address whole depth-chunks inside ceil(KA/depth)·depth
         IEEE=a.dtype == torch.float32, BM=BM, BN=BN, BK=BK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -77,11 +77,13 @@ def triton_supported(a: torch.Tensor, depth: int, width: int) -> bool:
 
 def chunk_gemm(a: torch.Tensor, bt: torch.Tensor, ptr: torch.Tensor, acol: torch.Tensor, brow: torch.Tensor,
                depth: int, out_cols: int, bias: torch.Tensor | None = None, *, use_triton: bool | None = None,
-               config: dict | None = None, blk: torch.Tensor | None = None) -> torch.Tensor:
+               config: dict | None = None, blk: torch.Tensor | None = None, affine_width: int = 0) -> torch.Tensor:
     """The chunk-list GEMM (see the module docstring). `use_triton`: None = Triton on CUDA tensors when
-    supported, torch reference otherwise; True forces Triton (under TRITON_INTERPRET=1 also on CPU)."""
+    supported, torch reference otherwise; True forces Triton (under TRITON_INTERPRET=1 also on CPU).
+    Every block's entries must read consecutive rows of Bt (brow[e + 1] = brow[e] + depth); affine_width > 0
+    promises that they also read consecutive depth-chunks of A, cyclic over affine_width columns."""
     if use_triton is None:
         use_triton = a.is_cuda and triton_supported(a, depth, bt.shape[1])
     if use_triton:
-        return triton_module().chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias, config)
+        return triton_module().chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias, config, affine_width)
     return chunk_gemm_ref(a, bt, ptr, acol, brow, depth, out_cols, bias, blk)

@@ -340,7 +340,7 @@ class GBLRLinear(StructuredLinear):
         s = self.spec
         C = s.components
         h = K_ops.chunk_gemm(x2, self.w_in, self.ptr1, self.acol1, self.brow1, s.tile, C * s.rank,
-                             use_triton=use_triton, config=configs[0])
+                             use_triton=use_triton, config=configs[0], affine_width=s.tiles_in * s.tile)
         return K_ops.chunk_gemm(h, self.w_out, self.ptr2, self.acol2, self.brow2, s.rank, s.out_features,
                                 self.bias, use_triton=use_triton, config=configs[1])
 
@@ -405,11 +405,12 @@ class GBLRLinear(StructuredLinear):
                 f"rank={s.rank}, budget={s.budget}, form={form}, bias={s.bias}")
 
 
-# Dispatch constants of the exported form on CUDA (see docs/benchmarks/gblr_layer.md): below MIN_TOKENS rows
-# the two launches and the small grid lose to one cuBLAS GEMV/GEMM; above MAX_FRACTION of the dense FLOPs the
-# tile kernels' lower tensor-core efficiency loses to cuBLAS.
-PATH_MIN_TOKENS = 256
-PATH_MAX_FRACTION = 0.6
+# Dispatch constants of the exported form on CUDA, from the H100 run in docs/benchmarks/gblr_layer.md: at
+# M <= 512 the two launches and the small grids lose to cuBLAS in every measured variant (0.5-0.85x at 40%
+# FLOPs), at M >= 4096 the tiles win (1.23-1.81x); the crossover between was not measured, so dense below 2048.
+# The tile kernels run at 0.47-0.55 of cuBLAS's rate, so above half the dense FLOPs dense is faster.
+PATH_MIN_TOKENS = 2048
+PATH_MAX_FRACTION = 0.5
 
 
 def path_rule(spec: GBLRSpec, M: int, device_type: str, training: bool, dtype) -> str:
