@@ -1,10 +1,12 @@
 """SmolLM2-135M + Austen: GBLR vs whitened low-rank at equal FLOPs (keep 0.6 of the targeted FLOPs), each
 unhealed and after the same short healing run on the calibration split; held-out perplexity.
 
-    nice -n 5 .venv/bin/python benchmarks/gblr_quality.py --steps 48 > /tmp/gblr_quality.log 2>&1 &
+    nice -n 5 .venv/bin/python benchmarks/gblr_quality.py --steps 24 --heal-n 24 --calib-n 16 --eval-tokens 4096 \
+        > /tmp/gblr_quality.log 2>&1 &
 
 Protocol (as structlin/demo.py): calibration = the first `calib_n` windows of *Emma* + *Mansfield Park*;
-healing = the first `heal_n` windows of the same split (micro-batches of one window); evaluation = the first
+healing = the first `heal_n` windows of the same split (micro-batches of one window, next-token loss, no
+teacher: a distillation teacher's extra forward did not fit this CPU's time); evaluation = the first
 `eval_tokens` tokens of *Pride and Prejudice* and *Sense and Sensibility*, windows of `seq_len`. Every decoder
 linear is targeted (`all-linear`, tied lm_head excluded). For GBLR, `keep` is also the FLOP fraction (a
 component costs s·(n_in + n_out) params and multiply-adds per token); both methods take the same per-layer
@@ -30,7 +32,7 @@ def heal_model(model, teacher, data, steps, lr, hook_options, autocast):
     except ImportError:
         heal = None
     if heal is not None:
-        res = heal(model, data, steps=steps, teacher=teacher, lr=lr, hook_options=hook_options,
+        res = heal(model, data, steps=steps, teacher=None, lr=lr, hook_options=hook_options,
                    autocast_dtype=autocast, progress=False, seed=0)
         return {"loop": "structlin.heal.heal", "first": res.losses[0], "last": sum(res.losses[-8:]) / 8,
                 "seconds": res.seconds}
@@ -133,5 +135,40 @@ def main():
     print(f"done in {total / 60:.1f} min", flush=True)
 
 
+def report(src: Path, dst: Path) -> None:
+    """docs/benchmarks/gblr.md from gblr.json (written at the end of a run)."""
+    info = json.loads((src / "gblr.json").read_text())
+    a, rows = info["args"], info["rows"]
+    base = rows[0]
+    lines = ["# GBLR vs whitened low-rank on SmolLM2-135M (keep 0.6 of the targeted FLOPs)", "",
+             f"Produced by `benchmarks/gblr_quality.py` ({info['machine']}, {info['threads']} threads, torch "
+             f"{info['torch']}; whole run {info['seconds'] / 60:.0f} min on a CPU shared with other jobs). SmolLM2-135M-"
+             "Instruct (weights dequantized from the Q4_1 GGUF), fp32 weights, bf16 autocast compute. Every decoder "
+             "linear targeted. For GBLR `keep` is the fraction of the targeted FLOPs *and* params (a component costs "
+             "s·(n_in + n_out) of each per token); both methods get the same per-layer budget from the same rank "
+             "ladder, so FLOPs are equal layer by layer.", "",
+             f"- Calibration: first {a['calib_n']} windows of {a['seq_len']} tokens of *Emma* + *Mansfield Park*; "
+             f"healing: first {a['heal_n']} windows of the same split, {a['steps']} optimizer steps of one window, "
+             f"lr {a['lr']} (cosine), next-token loss, no teacher; GBLR structure lr {a['structure_lr']} (AdamW "
+             "betas (0, 0.999)), network-wide budget with per-layer floors 0.25, snap-aware (tile "
+             f"{a['tile']}) for the last 30% of the steps; GBLR rank per component s = {a['rank']}, init = start as "
+             f"whitened low-rank, {a['init_steps']} Adam init steps.",
+             f"- Evaluation: first {a['eval_tokens']:,} tokens of *Pride and Prejudice* / *Sense and Sensibility*, "
+             f"windows of {a['seq_len']}, exp(token-weighted mean NLL).", "",
+             "| variant | P&P ppl | S&S ppl | × dense (P&P) | notes |", "|---|---|---|---|---|"]
+    for r in rows:
+        note = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()
+                         if k not in ("variant", *EVAL))
+        lines.append(f"| {r['variant']} | {r[EVAL[0]]:.2f} | {r[EVAL[1]]:.2f} | {r[EVAL[0]] / base[EVAL[0]]:.2f} | "
+                     f"{note} |")
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "gblr.md").write_text("\n".join(lines) + "\n")
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--report":
+        report(Path(sys.argv[2]), Path(sys.argv[2]))
+    else:
+        main()
