@@ -34,6 +34,13 @@ class Plan:
     budget: int = 0        # keep × targeted params
     used: int = 0          # params of the plan after rounding
     targeted: int = 0      # dense params of the targeted layers
+    methods: dict = field(default_factory=dict)  # name -> method of its spec (mixed allocations), None = dense
+    errors: dict = field(default_factory=dict)   # name -> estimated error of the chosen size (curve units)
+
+    @property
+    def charged(self) -> float:
+        """The exact fraction of the targeted params the plan keeps (after rounding)."""
+        return self.used / max(self.targeted, 1)
 
 
 def _ladders(shapes, method, opts, plan: Plan) -> tuple[dict, dict]:
@@ -97,45 +104,194 @@ def allocate_spectral(shapes: dict[str, tuple[int, int, bool]], method, opts, ke
 
     curves[name][i] is the layer's relative error (the method's objective, e.g. ‖(W − Ŵ)X‖²/‖WX‖² for
     whitened low-rank) at its i-th candidate size; staying dense has error 0. Every layer starts at its
-    smallest size holding at least `floor` of its dense params; then, greedily, the size step with the
-    largest error reduction per added parameter is taken while it fits in keep × targeted params. With
-    error curves convex in size (singular-value tails are), the greedy choice is optimal at step
-    granularity. Uses no data beyond the statistics already collected.
+    smallest size holding at least `floor` of its dense params; then greedily along each layer's convex hull
+    (`allocate_curves`). Uses no data beyond the statistics already collected.
+    """
+    choices = {n: choices_for(n, shapes[n], method, opts, curves[n]) for n in shapes}
+    return allocate_curves(shapes, choices, keep, floor)
+
+
+# ------------------------------------------------------------------------- curves, floors and mixed structures
+
+@dataclass(frozen=True)
+class Choice:
+    """One way to store a layer: `method`'s `spec` (None = stay dense), its params and its estimated error
+    (in the units of the allocation's curves; 0 for dense)."""
+
+    method: str
+    spec: object
+    params: int
+    error: float
+
+
+def choices_for(name: str, shape: tuple[int, int, bool], method, opts, errors: list[float] | None) -> list[Choice]:
+    """The candidate sizes of one method for one layer as `Choice`s (errors None -> nan)."""
+    k, n, b = shape
+    try:
+        specs = list(method.candidates(k, n, b, opts))
+    except StructlinError as e:
+        raise TargetError(f"module '{name}' ({n}×{k}): {e}") from None
+    if errors is not None and len(errors) != len(specs):
+        raise ValueError(f"{name}: {len(errors)} errors for {len(specs)} candidate sizes of {method.name}")
+    return [Choice(method.name, s, method.spec_params(s), float("nan") if errors is None else float(errors[i]))
+            for i, s in enumerate(specs)]
+
+
+def pareto(choices: list[Choice], dense: int) -> list[Choice]:
+    """Choices no other choice beats in both params and error, by increasing params, ending with dense
+    (error 0). Ties in params keep the lower error; ties in error keep the fewer params."""
+    # errors equal to 6 significant digits count as ties, which go to the earlier choice (the first method
+    # listed), so equivalent structures (e.g. ESPACE's output projection and whitened low-rank) are stable
+    allc = sorted(choices, key=lambda c: (c.params, float(f"{c.error:.6g}"))) + [Choice("dense", None, dense, 0.0)]
+    front: list[Choice] = []
+    for c in allc:
+        if c.params > dense:
+            continue
+        if front and float(f"{c.error:.6g}") >= float(f"{front[-1].error:.6g}"):
+            continue
+        if front and c.params == front[-1].params:
+            front[-1] = c
+            continue
+        front.append(c)
+    return front
+
+
+def _hull(front: list[Choice], start: int) -> list[int]:
+    """Indices of the lower convex hull of `front` (params, error) from index `start` to the last (dense):
+    the path a greedy walks, each step with a smaller error drop per parameter than the one before."""
+    hull = [start]
+    for i in range(start + 1, len(front)):
+        while len(hull) >= 2:
+            a, b = front[hull[-2]], front[hull[-1]]
+            c = front[i]
+            # b lies on or above the segment a-c: drop it
+            if (b.error - a.error) * (c.params - a.params) >= (c.error - a.error) * (b.params - a.params):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def allocate_curves(shapes: dict[str, tuple[int, int, bool]], choices: dict[str, list[Choice]], keep: float,
+                    floor: float = 0.0) -> Plan:
+    """Split keep × targeted params over layers to minimise the summed estimated error.
+
+    choices[name]: every candidate (any method) of that layer with its estimated error on one common scale
+    (relative output error, Fisher-weighted loss increase, measured loss increase...). Per layer only the
+    Pareto front counts. Every layer starts at its cheapest front point holding at least `floor` × its dense
+    params (if those starts exceed the budget, at its cheapest point); then (1) greedily, the convex-hull
+    step with the largest error drop per added parameter that still fits, and (2) a fill pass moving single
+    layers to any larger front point that fits, best error drop per parameter first, until none fits. The
+    plan never exceeds int(keep × targeted); what is left over is smaller than every remaining step.
     """
     import heapq
 
     plan = Plan()
-    ladders, cost = _ladders(shapes, method, opts, plan)
-    err, pos = {}, {}
-    for name in shapes:
-        if len(curves[name]) != len(cost[name]) - 1:
-            raise ValueError(f"{name}: {len(curves[name])} errors for {len(cost[name]) - 1} candidate sizes")
-        err[name] = list(curves[name]) + [0.0]
-        pos[name] = next(i for i, c in enumerate(cost[name]) if c >= floor * cost[name][-1])
+    fronts, pos = {}, {}
+    for name, (k, n, b) in shapes.items():
+        dense = dense_params(k, n, b)
+        plan.targeted += dense
+        fronts[name] = pareto(choices.get(name, []), dense)
+        if len(fronts[name]) == 1:
+            plan.reasons[name] = "no structured form is smaller than dense"
+        if any(c.error != c.error for c in fronts[name]):
+            raise ValueError(f"{name}: an estimated error is nan")
     plan.budget = int(keep * plan.targeted + 1e-9)
-    used = sum(cost[n][pos[n]] for n in shapes)
+    for name, front in fronts.items():
+        need = floor * front[-1].params
+        pos[name] = next(i for i, c in enumerate(front) if c.params >= need - 1e-9)
+    used = sum(fronts[n][pos[n]].params for n in shapes)
+    if used > plan.budget:        # floors do not fit: start everyone at their cheapest form
+        pos = {n: 0 for n in shapes}
+        used = sum(fronts[n][0].params for n in shapes)
 
-    def step(name):
-        i = pos[name]
-        if i + 1 < len(cost[name]):
-            gain = (err[name][i] - err[name][i + 1]) / max(cost[name][i + 1] - cost[name][i], 1)
-            heapq.heappush(heap, (-gain, name))
-
+    hulls = {n: _hull(fronts[n], pos[n]) for n in shapes}
+    at = {n: 0 for n in shapes}   # position along the hull
     heap: list = []
+
+    def push(name):
+        h, i = hulls[name], at[name]
+        if i + 1 < len(h):
+            a, b = fronts[name][h[i]], fronts[name][h[i + 1]]
+            heapq.heappush(heap, (-(a.error - b.error) / max(b.params - a.params, 1), name))
+
     for name in shapes:
-        step(name)
+        push(name)
     while heap:
         _, name = heapq.heappop(heap)
-        i = pos[name]
-        extra = cost[name][i + 1] - cost[name][i]
+        h, i = hulls[name], at[name]
+        extra = fronts[name][h[i + 1]].params - fronts[name][h[i]].params
         if used + extra > plan.budget:
-            continue  # later steps of this layer cost more still
+            continue
         used += extra
-        pos[name] = i + 1
-        step(name)
+        at[name] = i + 1
+        pos[name] = h[i + 1]
+        push(name)
+    while True:                   # fill: any single move up the front that fits
+        best, best_gain = None, 0.0
+        for name, front in fronts.items():
+            cur = front[pos[name]]
+            for j in range(pos[name] + 1, len(front)):
+                extra = front[j].params - cur.params
+                if used + extra > plan.budget:
+                    break
+                gain = (cur.error - front[j].error) / max(extra, 1)
+                if best is None or gain > best_gain:
+                    best, best_gain = (name, j), gain
+        if best is None:
+            break
+        name, j = best
+        used += fronts[name][j].params - fronts[name][pos[name]].params
+        pos[name] = j
     for name in shapes:
-        plan.specs[name] = ladders[name][pos[name]]
-        if plan.specs[name] is None and name not in plan.reasons:
+        c = fronts[name][pos[name]]
+        plan.specs[name] = c.spec
+        plan.methods[name] = None if c.spec is None else c.method
+        if c.spec is None and name not in plan.reasons:
             plan.reasons[name] = "allocation keeps it dense"
     plan.used = used
+    plan.errors = {n: fronts[n][pos[n]].error for n in shapes}
+    return plan
+
+
+def allocate_mixed_uniform(shapes: dict[str, tuple[int, int, bool]], choices: dict[str, list[Choice]],
+                           keep: float) -> Plan:
+    """Uniform sizes, mixed structures: every layer gets the same share `keep` of its own params and takes
+    the choice (any method) of lowest estimated error within that share; then leftover budget moves the
+    layers furthest below their share up their Pareto front, one point at a time."""
+    plan = Plan()
+    fronts, pos, share = {}, {}, {}
+    for name, (k, n, b) in shapes.items():
+        dense = dense_params(k, n, b)
+        plan.targeted += dense
+        fronts[name] = pareto(choices.get(name, []), dense)
+        share[name] = keep * dense
+        fits = [i for i, c in enumerate(fronts[name]) if c.params <= share[name] + 1e-9]
+        pos[name] = fits[-1] if fits else 0   # the front is sorted by params with falling error
+        if len(fronts[name]) == 1:
+            plan.reasons[name] = "no structured form is smaller than dense"
+    plan.budget = int(keep * plan.targeted + 1e-9)
+    used = sum(fronts[n][pos[n]].params for n in shapes)
+    while True:
+        best, best_gap = None, None
+        for name, front in fronts.items():
+            i = pos[name]
+            if i + 1 >= len(front) or used - front[i].params + front[i + 1].params > plan.budget:
+                continue
+            gap = (share[name] - front[i].params) / front[-1].params
+            if best is None or gap > best_gap:
+                best, best_gap = name, gap
+        if best is None:
+            break
+        used += fronts[best][pos[best] + 1].params - fronts[best][pos[best]].params
+        pos[best] += 1
+    for name in shapes:
+        c = fronts[name][pos[name]]
+        plan.specs[name] = c.spec
+        plan.methods[name] = None if c.spec is None else c.method
+        if c.spec is None and name not in plan.reasons:
+            plan.reasons[name] = "budget leaves it dense"
+    plan.used = used
+    plan.errors = {n: fronts[n][pos[n]].error for n in shapes}
     return plan

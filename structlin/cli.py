@@ -60,7 +60,7 @@ def cmd_compress(a) -> int:
         options["sequential"] = True
     targets = a.targets[0] if a.targets and len(a.targets) == 1 and not a.targets[0].isidentifier() else a.targets
     cfg = sl.CompressConfig(method=a.method, keep=a.keep, targets=targets or "all-linear", exclude=a.exclude,
-                            layers=a.layers, options=options, seed=a.seed)
+                            layers=a.layers, options=options, seed=a.seed, allocation=a.allocation, floor=a.floor)
     if not a.dry_run and a.out is None:
         raise sl.ConfigError("--out DIR is required (or use --dry-run)")
     if a.out is not None and Path(a.out).exists() and not a.overwrite:
@@ -142,6 +142,38 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_sweep(a) -> int:
+    from .sweep import run_sweep
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    keeps = [float(k) for k in a.keep.split(",") if k.strip()]
+    options = {}
+    for pair in a.option or []:            # METHOD.KEY=VALUE
+        if "=" not in pair or "." not in pair.split("=", 1)[0]:
+            raise SystemExit(f"structlin: error: --option expects METHOD.KEY=VALUE, got {pair!r}")
+        key, v = pair.split("=", 1)
+        m, k = key.split(".", 1)
+        options.setdefault(m, {})[k] = _value(v)
+    unknown = [m for m in list(options) + methods if m not in methods_available()]
+    if unknown:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown method(s) {unknown}; available methods: {methods_available()}")
+    allocations = [x.strip() for x in a.allocations.split(",") if x.strip()]
+    run_sweep(a.model, methods, keeps, options=options, allocations=allocations, mixed=not a.no_mixed,
+              floor=a.floor, calib_text=a.calib, calib_n=a.calib_n, seq_len=a.seq_len, eval_text=a.eval_text,
+              eval_tokens=a.eval_tokens, dtype=a.dtype, device=a.device, latency=a.latency, out=Path(a.out),
+              name=a.name, progress=not a.no_progress)
+    print(f"wrote {Path(a.out) / (a.name + '.md')} and {a.name}_params.png, {a.name}_flops.png")
+    return 0
+
+
+def methods_available() -> list[str]:
+    from . import methods
+
+    return methods.available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import methods
 
@@ -151,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="compress a model and save it",
                        description="Compress MODEL (a directory, 'smollm2', 'minilm' or a transformers id).")
     c.add_argument("model")
-    c.add_argument("--method", default="lowrank", choices=methods.available())
+    c.add_argument("--method", default="lowrank", choices=methods.available() + ["mixed"],
+                   help="a structure, or 'mixed' with --option methods='[\"lowrank\",\"espace\"]'")
+    c.add_argument("--allocation", default="uniform", choices=["uniform", "spectral", "fisher", "measured"],
+                   help="how keep is split over layers")
+    c.add_argument("--floor", type=float, default=0.0, help="non-uniform allocations: each layer keeps at least "
+                   "floor × its uniform share")
     c.add_argument("--keep", type=float, default=0.5, help="fraction of the targeted linear params kept, in (0, 1]")
     c.add_argument("--variant", help="lowrank: svd | asvd | whiten")
     c.add_argument("--sequential", action="store_true", help="calibrate block by block")
@@ -214,6 +251,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--no-sequential", action="store_true", help="skip the sequential-mode rows")
     d.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("sweep", help="compare methods, allocations and keeps on one model: table + plots",
+                       description="Compress MODEL with each method at each keep (uniform and other allocations, "
+                                   "plus the mixed structure), evaluate held-out perplexity (causal LMs) or probe "
+                                   "accuracy (encoders), and write a markdown table and PNG plots against params "
+                                   "and FLOPs.")
+    w.add_argument("model", help="a directory, 'smollm2', 'minilm' or a transformers id")
+    w.add_argument("--methods", default="lowrank,ss1,espace", help="comma-separated methods")
+    w.add_argument("--keep", default="0.9,0.8,0.7,0.6,0.5", help="comma-separated keep fractions")
+    w.add_argument("--allocations", default="uniform,fisher",
+                   help="comma-separated: uniform, spectral, fisher, measured")
+    w.add_argument("--option", action="append", metavar="METHOD.KEY=VALUE",
+                   help="a method option, e.g. lowrank.variant=whiten (repeatable)")
+    w.add_argument("--floor", type=float, default=0.0, help="non-uniform allocations: each layer keeps at least "
+                   "floor × its uniform share")
+    w.add_argument("--no-mixed", action="store_true", help="skip the mixed-structure rows")
+    w.add_argument("--calib", default="austen-calib")
+    w.add_argument("--calib-n", type=int, default=32, help="calibration windows (batches for encoders)")
+    w.add_argument("--seq-len", type=int, default=512)
+    w.add_argument("--eval-text", default="pride-and-prejudice")
+    w.add_argument("--eval-tokens", type=int, default=8192)
+    w.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    w.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    w.add_argument("--latency", action="store_true", help="measure forward latency (CUDA only; skipped on CPU)")
+    w.add_argument("--out", default="docs/benchmarks")
+    w.add_argument("--name", default="sweep", help="file stem of the table and plots")
+    w.add_argument("--no-progress", action="store_true")
+    w.set_defaults(func=cmd_sweep)
     return p
 
 

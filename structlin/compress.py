@@ -14,9 +14,9 @@ from torch import nn
 
 from . import budget, methods, targeting
 from .calibrate import collect, run_sequential
-from .config import CompressConfig
+from .config import MIXED, CompressConfig
 from .errors import CalibrationError, ConfigError
-from .methods.base import StructuredLinear
+from .methods.base import Method, StructuredLinear
 from .modules import dense_weight, linear_shape, set_submodule
 from .report import LayerRow, Report
 
@@ -60,7 +60,8 @@ def model_size(model: nn.Module) -> tuple[int, int]:
 
 
 def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict | None = None,
-             loss_fn=None, progress: bool = True, offload: bool = False, exec_device=None) -> Report:
+             loss_fn=None, progress: bool = True, cache: dict | None = None, offload: bool = False,
+             exec_device=None) -> Report:
     """Replace the targeted linear layers of `model` in place with `cfg.method` structures.
 
     calib: an iterable of batches (an `input_ids` tensor, or a dict of model kwargs with `attention_mask`)
@@ -74,34 +75,70 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
     if not isinstance(cfg, CompressConfig):
         raise ConfigError(f"cfg must be a structlin.CompressConfig, got {type(cfg).__name__}")
     t0 = time.perf_counter()
-    method, opts = methods.get(cfg.method), cfg.method_options()
+    mixed = cfg.method == MIXED
+    mlist = [(methods.get(n), o) for n, o in cfg.method_list()]
+    method, opts = mlist[0]
     targets = targeting.select(model, cfg.targets, cfg.exclude, cfg.layers)
     shapes = {n: linear_shape(m) for n, m in targets.items()}
-    needs = method.stats_needed(opts)
+    needs = set().union(*(m.stats_needed(o) for m, o in mlist))
     sequential = method.sequential(opts)
+    if mixed and any(m.sequential(o) for m, o in mlist):
+        raise ConfigError("method 'mixed' does not run in sequential mode; drop sequential=true from its methods")
     if needs and calib is None and stats is None:
         raise CalibrationError(f"method '{cfg.method}' with options {cfg.options} needs calibration data: "
                                f"pass calib=[batches of input_ids]")
-    if sequential and stats is not None and cfg.allocation != "spectral":
+    if cfg.allocation in ("fisher", "measured") and calib is None:
+        raise CalibrationError(f"allocation '{cfg.allocation}' runs the model on calibration data: pass calib=...")
+    if sequential and stats is not None and cfg.allocation == "uniform":
         raise ConfigError("sequential mode calibrates on the compressed model as it goes: pass calib, not stats")
     if calib is not None or stats is not None:
         needs = needs | {"gram"}  # the report's output error comes from the Gram at no extra pass
+    cache = {} if cache is None else cache
+    if sequential or mixed or cfg.allocation != "uniform":
+        calib = None if calib is None else list(calib)  # may be read more than once
 
-    if cfg.allocation == "spectral":
-        if sequential and calib is not None:
-            calib = list(calib)  # read twice: dense statistics for the split, then block by block
-        if stats is None and calib is not None:
-            stats = method.collect(model, targets, calib, opts, progress=progress, loss_fn=loss_fn)
-        plan = budget.allocate_spectral(shapes, method, opts, cfg.keep,
-                                        _error_curves(method, opts, targets, shapes, stats))
+    def stats_of(m, o, modules):
+        """Statistics for method m: the given ones, else one pass per distinct collector (cached)."""
+        if stats is not None:
+            return stats
+        if calib is None:
+            return None
+        key = ("stats", m.name, repr(o)) if type(m).collect is not Method.collect else ("stats", "default")
+        held = cache.get(key)
+        if held is None or any(n not in held for n in modules):
+            want = needs | set().union(*(mm.stats_needed(oo) for mm, oo in mlist))
+            if key[1] == "default":
+                from .calibrate import collect as collect_stats
+
+                held = collect_stats(model, modules, calib, want, progress)
+            else:
+                held = m.collect(model, modules, calib, o, progress=progress, loss_fn=loss_fn)
+            cache[key] = held
+        return held
+
+    per_method_stats: dict = {}
+    if cfg.allocation == "uniform" and not mixed:
+        plan = budget.allocate_uniform(shapes, method, opts, cfg.keep)
+    else:
+        from . import sensitivity
+
+        for m, o in mlist:
+            per_method_stats[m.name] = stats_of(m, o, targets)
+        choices = sensitivity.estimate_choices(model, targets, shapes, mlist, per_method_stats, cfg.allocation,
+                                               calib=calib, cache=cache, seed=cfg.seed, loss_fn=loss_fn,
+                                               progress=progress)
+        if cfg.allocation == "uniform":
+            plan = budget.allocate_mixed_uniform(shapes, choices, cfg.keep)
+        else:
+            plan = budget.allocate_curves(shapes, choices, cfg.keep, floor=cfg.floor * cfg.keep)
         if sequential:
             stats = None  # projection still sees the compressed model's activations, block by block
-    else:
-        plan = budget.allocate_uniform(shapes, method, opts, cfg.keep)
+            per_method_stats = {}
 
     params_before, _ = model_size(model)
     flops_before = linear_flops_per_token(model)
     todo = {n: targets[n] for n in targets if plan.specs[n] is not None}
+    by_name = {m.name: (m, o) for m, o in mlist}
     rows: dict[str, LayerRow] = {}
     tokens = 0
     starved: list[str] = []  # layers that saw fewer calibration tokens than input features
@@ -109,11 +146,12 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
     def replace(name: str, st) -> None:
         nonlocal tokens
         module, spec = targets[name], plan.specs[name]
+        m, o = by_name[plan.methods.get(name) or method.name]
         w, b = dense_weight(module)
         w64 = w.detach().to(torch.float64)
         b64 = None if b is None else b.detach().to(torch.float64)
         with torch.no_grad():
-            layer = method.project(w64, b64, spec, st, opts, layer_generator(cfg.seed, name))
+            layer = m.project(w64, b64, spec, st, o, layer_generator(cfg.seed, name))
             werr, oerr = relative_errors(w64, layer.to_dense().to(torch.float64), st)
         layer = layer.to(dtype=w.dtype, device=w.device).train(module.training)
         layer.requires_grad_(w.requires_grad)
@@ -122,9 +160,9 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
         k, n, _ = shapes[name]
         if st is not None and st.tokens < k:
             starved.append(name)
-        rows[name] = LayerRow(name, k, n, f"{cfg.method} " + spec_summary(spec),
-                              budget.dense_params(*shapes[name]), method.spec_params(spec),
-                              method.spec_flops(spec), werr, oerr)
+        rows[name] = LayerRow(name, k, n, f"{m.name} " + spec_summary(spec),
+                              budget.dense_params(*shapes[name]), m.spec_params(spec),
+                              m.spec_flops(spec), werr, oerr)
 
     if sequential:
         calib = list(calib)
@@ -140,20 +178,26 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
             for name in rest:
                 replace(name, late[name])
     else:
-        if stats is None and calib is not None:
-            stats = method.collect(model, todo, calib, opts, progress=progress, loss_fn=loss_fn)
-        if stats is not None:
-            missing = [n for n in todo if n not in stats]
+        for m, o in mlist:
+            if m.name not in per_method_stats:
+                used_by = {n: todo[n] for n in todo if (plan.methods.get(n) or method.name) == m.name}
+                per_method_stats[m.name] = stats_of(m, o, used_by) if used_by else None
+        for m_name, st_all in per_method_stats.items():
+            if st_all is None:
+                continue
+            missing = [n for n in todo if (plan.methods.get(n) or method.name) == m_name and n not in st_all]
             if missing:
                 raise CalibrationError(f"the given stats lack modules {missing[:6]}; collect them with the same "
                                        f"targets")
+        stats = per_method_stats
         items = todo
         if progress:
             from tqdm.auto import tqdm
 
             items = tqdm(todo, desc=f"projecting ({cfg.method})", leave=False)
         for name in items:
-            replace(name, None if stats is None else stats[name])
+            st_all = stats.get(plan.methods.get(name) or method.name)
+            replace(name, None if st_all is None else st_all[name])
 
     for name in targets:
         if name not in rows:
@@ -176,23 +220,6 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
                   dtype=str(dtype).replace("torch.", ""), linear_flops_before=flops_before,
                   linear_flops_after=linear_flops_per_token(model), seconds=time.perf_counter() - t0,
                   calibration_tokens=tokens)
-
-
-def _error_curves(method, opts, targets, shapes, stats) -> dict[str, list[float]]:
-    """Per target, the method's predicted relative error at each candidate size (for spectral allocation)."""
-    curves = {}
-    for name, module in targets.items():
-        specs = method.candidates(*shapes[name], opts)
-        if not specs:
-            curves[name] = []
-            continue
-        w, _ = dense_weight(module)
-        curve = method.error_curve(w.detach().to(torch.float64), None if stats is None else stats[name], opts, specs)
-        if curve is None:
-            raise ConfigError(f"allocation 'spectral' is not available for method '{method.name}' (it cannot "
-                              f"predict its error from statistics); use allocation='uniform'")
-        curves[name] = curve
-    return curves
 
 
 def spec_summary(spec) -> str:

@@ -16,6 +16,8 @@ from typing import Any, Union
 from .errors import ConfigError
 
 Targets = Union[str, list, tuple]
+ALLOCATIONS = ("uniform", "spectral", "fisher", "measured")
+MIXED = "mixed"   # CompressConfig.method choosing a structure per layer among options["methods"]
 
 
 def choice(default, choices, help=""):
@@ -79,8 +81,16 @@ class CompressConfig:
     layers:  indices of transformer blocks to touch (BERT `layer.N.`, GPT-2 `h.N.`, Llama `layers.N.`).
     options: the method's own settings, validated against its option dataclass.
     seed:    seed for any randomness in projection (a local generator; the global RNG is never touched).
-    allocation: how keep is split over the layers: "uniform" (each layer keeps the same fraction) or
-             "spectral" (greedy on the calibration error removed per parameter, from the statistics).
+    allocation: how keep is split over the layers (see `structlin.budget`): "uniform" (each layer keeps the
+             same fraction), "spectral" (greedy on the relative calibration output error removed per
+             parameter, from the statistics alone), "fisher" (greedy on the Fisher-weighted output error, an
+             estimate of the loss increase; one extra forward+backward pass) or "measured" (spectral curves
+             rescaled per layer by its measured loss increase, one layer at a time, cached on disk).
+    floor:   every layer keeps at least floor × its uniform share (keep × its dense params), in [0, 1];
+             only non-uniform allocations use it.
+    method="mixed": per layer, the structure (and size) of lowest estimated error among
+             options["methods"]: a list of method names (default options) or a dict name -> options, e.g.
+             {"methods": {"lowrank": {"variant": "whiten"}, "espace": {"calibrator": "auto"}}}.
     """
 
     method: str = "lowrank"
@@ -91,11 +101,12 @@ class CompressConfig:
     options: dict = field(default_factory=dict)
     seed: int = 0
     allocation: str = "uniform"
+    floor: float = 0.0
 
     def __post_init__(self):
         from . import methods  # registry; imported late so config stays import-light
 
-        if not isinstance(self.method, str) or self.method not in methods.available():
+        if not isinstance(self.method, str) or self.method not in methods.available() + [MIXED]:
             raise ConfigError(f"unknown method {self.method!r}; available methods: {methods.available()}")
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not (0 < self.keep <= 1):
             raise ConfigError(f"keep must be a fraction in (0, 1] of the targeted linear parameters, got {self.keep!r}")
@@ -127,16 +138,27 @@ class CompressConfig:
         if not isinstance(self.options, dict):
             raise ConfigError(f"options must be a dict of the method's settings, got {type(self.options).__name__}")
         self.method_options()  # validate now, not halfway through compression
-        if self.allocation not in ("uniform", "spectral"):
-            raise ConfigError(f"allocation must be 'uniform' or 'spectral', got {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 <= self.floor <= 1:
+            raise ConfigError(f"floor must be a number in [0, 1] (a fraction of each layer's uniform share), "
+                              f"got {self.floor!r}")
+        self.floor = float(self.floor)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
     def method_options(self):
-        """The validated option dataclass of this config's method."""
+        """The validated option dataclass of this config's method (for "mixed": a `MixedOptions`)."""
         from . import methods
 
+        if self.method == MIXED:
+            return MixedOptions.parse(self.options)
         return parse_options(methods.get(self.method).Options, self.options, self.method)
+
+    def method_list(self) -> list[tuple[str, Any]]:
+        """[(method name, validated options)]: the one method, or the methods a mixed config allows."""
+        opts = self.method_options()
+        return list(opts.methods.items()) if self.method == MIXED else [(self.method, opts)]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,3 +177,32 @@ class CompressConfig:
     @classmethod
     def from_json(cls, text: str) -> "CompressConfig":
         return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class MixedOptions:
+    """Options of method="mixed": `methods` maps each allowed method to its validated option dataclass."""
+
+    methods: dict
+
+    @classmethod
+    def parse(cls, options: dict) -> "MixedOptions":
+        from . import methods as registry
+
+        unknown = sorted(set(options) - {"methods"})
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown} for method 'mixed'; its one option is 'methods': a "
+                              f"list of method names or a dict name -> that method's options")
+        given = options.get("methods")
+        if isinstance(given, (list, tuple)) and all(isinstance(m, str) for m in given):
+            given = {m: {} for m in given}
+        if not (isinstance(given, dict) and given and all(isinstance(v, dict) for v in given.values())):
+            raise ConfigError(f"method 'mixed' needs options={{'methods': [names]}} or {{'methods': {{name: "
+                              f"options}}}} with at least one of {registry.available()}, got {given!r}")
+        out = {}
+        for name, opts in given.items():
+            if name == MIXED or name not in registry.available():
+                raise ConfigError(f"method 'mixed': unknown method {name!r}; available methods: "
+                                  f"{registry.available()}")
+            out[name] = parse_options(registry.get(name).Options, opts, name)
+        return cls(out)
