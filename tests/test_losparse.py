@@ -358,3 +358,28 @@ def test_finetune_classifier_with_pruner_distillation_and_trainer(tmp_path):
     assert sum(m.num_params() for m in layers) <= 0.35 * sum(m.in_features * m.out_features + m.out_features
                                                              for m in layers)
     assert all(m.spec.kept == m.spec.target for m in layers)
+
+
+@pytest.mark.skipif(not lsp.LoSparseLinear.path or not __import__("importlib").util.find_spec("triton"),
+                    reason="needs triton")
+@pytest.mark.parametrize("M,N,r,k", [(5, 70, 24, 30), (33, 130, 64, 17), (1, 64, 8, 0)])
+def test_export_kernels_against_float64(M, N, r, k):
+    """The Triton epilogue-fused GEMM and the column index-add (interpreter on CPU, GPU where there is one)."""
+    from structlin.kernels import _losparse_triton as kt
+    from structlin.kernels import losparse as ops
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.bfloat16 if dev == "cuda" else torch.float32
+    g = gen(M + N)
+    h = torch.randn(M, r + k, generator=g).to(dev, dt)
+    L = torch.randn(N, r, generator=g).to(dev, dt)
+    b = torch.randn(N, generator=g).to(dev, dt)
+    idx = torch.sort(torch.randperm(N, generator=g)[:k]).values.to(dev)
+    ref = h[:, :r].double() @ L.double().T + b.double()
+    ref[:, idx] += h[:, r:].double()
+    tol = 2e-2 if dt == torch.bfloat16 else 1e-5
+    for y in (kt.lr_add(h, L, ops.inverse_index(idx, N), b),
+              kt.index_add_cols(torch.nn.functional.linear(h[:, :r], L, b).contiguous(), h, idx, r),
+              ops.lr_add_ref(h, L, ops.inverse_index(idx, N), b)):
+        assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+

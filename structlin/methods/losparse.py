@@ -174,14 +174,43 @@ class LoSparseLinear(StructuredLinear):
         r = s.rank
         if s.direction == "row":
             h = F.linear(x2, self._effective(self.right, 0))          # (M, r + k)
-            y = F.linear(h[:, :r], self.left, self.bias)               # (M, N)
-            if s.kept:
-                y = y.index_add_(1, self.index, h[:, r:])
+            if self._fused_ok(x2):                                                   # inference on CUDA: cuBLAS + one kernel
+                from ..kernels import losparse as ops
+
+                y = ops.lr_add(h, self.left, self._inverse_index(), self.bias)
+            else:
+                y = F.linear(h[:, :r], self.left, self.bias)           # (M, N)
+                if s.kept:
+                    y = y.index_add_(1, self.index, h[:, r:])
         else:
             h = F.linear(x2, self.right)                                # (M, r)
             z = torch.cat([h, x2.index_select(1, self.index)], 1) if s.kept else h
             y = F.linear(z, self._effective(self.left, 1), self.bias)
         return y.reshape(*lead, s.out_features)
+
+    #: inference path on CUDA (bf16/fp16): "fused" — h by cuBLAS, then one Triton kernel for the thin GEMM
+    #: with the index-add as its epilogue — or "torch" (cuBLAS + index_add_).
+    #: Training, CPU, fp32 and masked layers always run "torch".
+    path: str = "fused"
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        if self.path != "fused" or not x.is_cuda or self._masked or x.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        from ..kernels import losparse as ops
+
+        return ops.HAVE_TRITON
+
+    def _inverse_index(self) -> torch.Tensor:
+        """(N,) int32 position of each output row in `index` (-1: no sparse row), cached per index tensor."""
+        key = (self.index.data_ptr(), self.index._version, self.index.device)
+        if getattr(self, "_inv_key", None) != key:
+            from ..kernels.losparse import inverse_index
+
+            self._inv = inverse_index(self.index, self.out_features)
+            self._inv_key = key
+        return self._inv
 
     def to_dense(self) -> torch.Tensor:
         s, r = self.spec, self.spec.rank
