@@ -88,16 +88,18 @@ def output_grad_grams(model: nn.Module, modules: dict[str, nn.Module], batches, 
                 if not state["outs"]:
                     raise CalibrationError("no gradient reaches the target modules' outputs")
                 grads = torch.autograd.grad(loss * scale, [o for _, o in state["outs"]], allow_unused=True)
+            batch_rows = 0
             for (name, _), g in zip(state["outs"], grads):
                 if g is None:
                     continue
                 rows = g.detach().reshape(-1, g.shape[-1])
                 if mask is not None and mask.numel() == rows.shape[0]:
                     rows = rows[mask.to(rows.device)]
+                batch_rows = batch_rows or rows.shape[0]
                 r32 = rows.to(torch.float32)
                 gg = (r32.T @ r32).to(torch.float64)
                 grams[name] = gg if name not in grams else grams[name].add_(gg)
-            tokens["n"] += int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+            tokens["n"] += batch_rows
     finally:
         for h in handles:
             h.remove()
