@@ -14,8 +14,9 @@ table says so):
   (what generation needs);
 * decode: one step of one new token per sequence against a static KV cache holding `--context` tokens.
 
-"fused" rows run with sibling fusion (`structlin.fuse`): q/k/v and gate/up as one wide layer (dense:
-stacked weights; SS1: one sketch + one GEMM; low-rank / ESPACE: one stacked inner GEMM). Correctness:
+"served" rows run after `structlin.serve.prepare_for_serving`: sibling fusion (q/k/v and gate/up as one
+wide layer — dense: stacked weights; SS1: one sketch + one GEMM; low-rank / ESPACE: one stacked inner
+GEMM), RMSNorm and SiLU·mul as single compiled kernels, causal prefill on FlashAttention. Correctness:
 each fast variant's last-token logits are compared with the same weights run eagerly and unfused on
 the reference path (relative L2 error).
 
@@ -251,8 +252,6 @@ class Row:
 
 def bench_variant(model, label, prefills, decodes, context, share_shape, device, use_graph, fuse: bool,
                   flops_ratio: float, params_linear: int, timing: dict | None = None) -> Row:
-    from ..fuse import fuse_siblings
-
     timing = timing or {}
     row = Row(label, params_linear, flops_ratio)
     # reference: the same weights, eager, unfused, and layers with several paths on their plainest one
@@ -265,8 +264,11 @@ def bench_variant(model, label, prefills, decodes, context, share_shape, device,
     for m in forced:
         m.force_path = None
     if fuse:
+        from ..serve import prepare_for_serving
+
         ex = {"input_ids": torch.randint(0, model.config.vocab_size, (1, 8), device=device)}
-        fuse_siblings(model, ex)
+        row.modes["served"] = str({k: (len(v) if isinstance(v, list) else v)
+                                   for k, v in prepare_for_serving(model, ex, unpadded=True).items()})
     fast, _ = prefill_runner(model, 1, 128, device, use_graph, seed=7)
     got = fast().float()
     row.rel_err = float((got - ref_logits).norm() / ref_logits.norm())
@@ -311,7 +313,7 @@ def run_model_bench(preset="llama-1b", layers=None, methods=("lowrank", "ss1", "
             targeted, used, df, sf = structure_random(model, method, keep, (options or {}).get(method))
             ratio, params = sf / df, used
             model.requires_grad_(False)
-        label = name + (" (fused)" if fused else "")
+        label = name + (" (served)" if fused else "")
         t = time.perf_counter()
         row = bench_variant(model, label, prefills, decodes, context, share_shape, device, use_graph, fused,
                             ratio, params, timing)
