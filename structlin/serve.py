@@ -47,13 +47,17 @@ def _compiled(fn, device_type: str):
 
 def _norm_forward(rms):
     def forward(self, hidden_states):
-        return rms(hidden_states, self.weight, self.variance_epsilon)
+        shape = hidden_states.shape   # 2-D for the compiled kernel: one specialisation per (M == 1, M > 1)
+        return rms(hidden_states.reshape(-1, shape[-1]), self.weight, self.variance_epsilon).reshape(shape)
     return forward
 
 
 def _mlp_forward(silu_mul):
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        shape = g.shape
+        h = silu_mul(g.reshape(-1, shape[-1]), u.reshape(-1, shape[-1])).reshape(shape)
+        return self.down_proj(h)
     return forward
 
 
