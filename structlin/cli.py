@@ -160,7 +160,9 @@ def cmd_sweep(a) -> int:
 
         raise ConfigError(f"unknown method(s) {unknown}; available methods: {methods_available()}")
     allocations = [x.strip() for x in a.allocations.split(",") if x.strip()]
+    mixed_allocations = [x.strip() for x in a.mixed_allocations.split(",") if x.strip()] if a.mixed_allocations else None
     run_sweep(a.model, methods, keeps, options=options, allocations=allocations, mixed=not a.no_mixed,
+              mixed_allocations=mixed_allocations,
               floor=a.floor, calib_text=a.calib, calib_n=a.calib_n, seq_len=a.seq_len, eval_text=a.eval_text,
               eval_tokens=a.eval_tokens, dtype=a.dtype, device=a.device, latency=a.latency, out=Path(a.out),
               name=a.name, progress=not a.no_progress)
@@ -267,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--floor", type=float, default=0.0, help="non-uniform allocations: each layer keeps at least "
                    "floor × its uniform share")
     w.add_argument("--no-mixed", action="store_true", help="skip the mixed-structure rows")
+    w.add_argument("--mixed-allocations", help="allocations of the mixed rows (default: --allocations)")
     w.add_argument("--calib", default="austen-calib")
     w.add_argument("--calib-n", type=int, default=32, help="calibration windows (batches for encoders)")
     w.add_argument("--seq-len", type=int, default=512)

@@ -119,7 +119,7 @@ def measure_latency(model, seq_len: int, iters: int = 20) -> float | None:
 # ------------------------------------------------------------------------------------------------ the sweep
 
 def run_sweep(model_name: str, methods: list[str], keeps: list[float], *, options: dict | None = None,
-              allocations=("uniform", "fisher"), mixed: bool = True, floor: float = 0.0,
+              allocations=("uniform", "fisher"), mixed: bool = True, mixed_allocations=None, floor: float = 0.0,
               calib_text: str = "austen-calib", calib_n: int = 32, seq_len: int = 512,
               eval_text: str = "pride-and-prejudice", eval_tokens: int = 8192, dtype: str = "auto",
               device: str | None = None, latency: bool = False, out: Path = Path("docs/benchmarks"),
@@ -159,9 +159,12 @@ def run_sweep(model_name: str, methods: list[str], keeps: list[float], *, option
         log("latency skipped: no CUDA device (the sweep runs on the CPU)")
         latency = False
 
-    runs = [(m, a, k) for m in methods for a in allocations for k in keeps]
-    if mixed and len(methods) > 1:
-        runs += [(MIXED, a, k) for a in allocations for k in keeps]
+    mixed_allocations = tuple(mixed_allocations or allocations)
+    runs = []
+    for k in keeps:              # keep-major: an interrupted sweep has complete comparisons at the first keeps
+        runs += [(m, a, k) for m in methods for a in allocations]
+        if mixed and len(methods) > 1:
+            runs += [(MIXED, a, k) for a in mixed_allocations if not causal_only(a, causal)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -175,6 +178,14 @@ def run_sweep(model_name: str, methods: list[str], keeps: list[float], *, option
     log(_row_text(rows[-1]))
     if bar:
         bar.update(1)
+    def meta() -> dict:
+        return {"model": model_name, "dtype": str(dt).replace("torch.", ""), "device": _device_name(device),
+                "quality": evaluate.what, "metric": evaluate.metric, "higher_is_better": evaluate.higher_is_better,
+                "calibration": f"{calib_n} batches of {calib_text}" + (f" ({calib_n * seq_len:,} tokens)" if causal else ""),
+                "options": options, "floor": floor, "minutes": (time.perf_counter() - t_start) / 60,
+                "latency": bool(latency),
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
+
     cache: dict = {}
     for method, allocation, keep in runs:
         if method == MIXED:
@@ -190,24 +201,27 @@ def run_sweep(model_name: str, methods: list[str], keeps: list[float], *, option
         lat = latency and measure_latency(model, seq_len)
         rows.append(_row(method, allocation, keep, report, model, q, lat, time.perf_counter() - t, sl))
         log(_row_text(rows[-1]))
+        write(rows, meta(), Path(out), name, plots=False)   # an interrupted sweep keeps its rows
         if bar:
             bar.update(1)
         del model
     if bar:
         bar.close()
-    meta = {"model": model_name, "dtype": str(dt).replace("torch.", ""), "device": _device_name(device),
-            "quality": evaluate.what, "metric": evaluate.metric, "higher_is_better": evaluate.higher_is_better,
-            "calibration": f"{calib_n} batches of {calib_text}" + (f" ({calib_n * seq_len:,} tokens)" if causal else ""),
-            "options": options, "floor": floor, "minutes": (time.perf_counter() - t_start) / 60,
-            "latency": bool(latency), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
-    out = Path(out)
+    write(rows, meta(), Path(out), name)
+    return rows
+
+
+def causal_only(allocation: str, causal: bool) -> bool:
+    return allocation in ("fisher", "measured") and not causal
+
+
+def write(rows: list[dict], meta: dict, out: Path, name: str, plots: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = to_markdown(rows, meta, name)
-    (out / f"{name}.md").write_text(md)
-    plot(rows, meta, out / f"{name}_params.png", "model_params", "model parameters")
-    plot(rows, meta, out / f"{name}_flops.png", "linear_flops", "linear FLOPs per token")
-    return rows
+    (out / f"{name}.md").write_text(to_markdown(rows, meta, name))
+    if plots:
+        plot(rows, meta, out / f"{name}_params.png", "model_params", "model parameters")
+        plot(rows, meta, out / f"{name}_flops.png", "linear_flops", "linear FLOPs per token")
 
 
 def _device_name(device: str) -> str:
