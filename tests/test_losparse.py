@@ -383,3 +383,42 @@ def test_export_kernels_against_float64(M, N, r, k):
               ops.lr_add_ref(h, L, ops.inverse_index(idx, N), b)):
         assert ((y.double() - ref).norm() / ref.norm()).item() < tol
 
+
+
+@pytest.mark.slow
+def test_real_minilm_prune_while_finetuning_round_trips(tmp_path):
+    """Real MiniLM + Pang & Lee: a short LoSparse fine-tune reaches the budget, drops pruned rows from storage,
+    and the saved model reloads to the same outputs (the accuracy run is benchmarks/losparse_finetune.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: two spinning OpenMP threads made this 10× slower under load
+    try:
+        _real_minilm(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _real_minilm(tmp_path):
+    from structlin import data
+    from structlin.heal.classify import accuracy, finetune_classifier
+
+    model, tok = data.load_model("minilm", task="classification", num_labels=2)
+    rows, _ = data.labelled("pang-lee", "train")
+    test, _ = data.labelled("pang-lee", "test")
+    rep = sl.compress(model, sl.CompressConfig(method="losparse", keep=0.2, targets=r".*encoder\.layer\.\d+\..*"),
+                      progress=False)
+    finetune_classifier(model, rows[:64], tok, steps=8, batch_size=8, max_length=32, lr=1e-4, progress=False,
+                        freeze=("word_embeddings",), hook_options={"losparse": {"delta_t": 2, "final_warmup": 2}})
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoSparseLinear)}
+    assert len(layers) == 36
+    kept = sum(m.num_params() for m in layers.values())
+    dense = sum(m.in_features * m.out_features + m.out_features for m in layers.values())
+    assert kept <= rep.budget and kept / dense > 0.18
+    assert all(m.spec.kept == m.spec.target and m.spec.kept % 8 == 0 for m in layers.values())
+    acc = accuracy(model, test[:64], tok, max_length=32)
+    assert 0.0 <= acc <= 1.0
+    model.config.architectures = [type(model).__name__]  # as transformers' own save_pretrained records it
+    sl.save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    back = sl.from_pretrained(tmp_path / "m")
+    enc = tok([t for t, _ in test[:8]], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**enc).logits, back(**enc).logits)
