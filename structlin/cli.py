@@ -134,6 +134,23 @@ def cmd_heal(a) -> int:
     return 0
 
 
+def cmd_bench_model(a) -> int:
+    import torch
+
+    from .bench.model import run_model_bench
+
+    if not torch.cuda.is_available() and not a.allow_cpu:
+        raise SystemExit("structlin: error: bench model times CUDA graphs on a GPU and none is visible; pass "
+                         "--allow-cpu for a (slow, eager) smoke run")
+    prefills = [tuple(int(v) for v in p.split("x")) for p in a.prefill]
+    run_model_bench(a.preset, a.layers, tuple(m for m in a.methods.split(",") if m), a.keep, prefills,
+                    tuple(a.decode), a.context, prefills[-1] if a.share is None else tuple(int(v) for v in a.share.split("x")),
+                    dtype=getattr(torch, a.dtype), use_graph=not a.no_graph, fuse=not a.no_fuse,
+                    out=Path(a.out), timing={"warmup": 1, "iters": 1, "reps": 1} if a.quick else None)
+    print(f"wrote {a.out}/model.md, model.png, model.json")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
@@ -242,6 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--overwrite", action="store_true")
     h.set_defaults(func=cmd_heal)
+
+    b = sub.add_parser("bench", help="benchmarks (GPU)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bm = bsub.add_parser("model", help="prefill/decode tokens/s of a Llama built from a config, dense vs structures")
+    bm.add_argument("--preset", default="llama-1b", help="llama-1b | llama3-8b | tiny")
+    bm.add_argument("--layers", type=int, help="number of blocks (default: the preset's)")
+    bm.add_argument("--methods", default="lowrank,ss1,espace")
+    bm.add_argument("--keep", type=float, default=0.5)
+    bm.add_argument("--prefill", nargs="+", default=["1x512", "4x512", "1x2048", "8x2048"], help="BxS shapes")
+    bm.add_argument("--decode", nargs="+", type=int, default=[1, 16], help="decode batch sizes")
+    bm.add_argument("--context", type=int, default=512, help="KV-cache length for decode")
+    bm.add_argument("--share", help="BxS of the time-share table (default: the last prefill shape)")
+    bm.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    bm.add_argument("--no-graph", action="store_true", help="time eagerly")
+    bm.add_argument("--no-fuse", action="store_true", help="skip the sibling-fused rows")
+    bm.add_argument("--allow-cpu", action="store_true")
+    bm.add_argument("--quick", action="store_true", help="one timed call per shape (smoke test)")
+    bm.add_argument("--out", default="docs/benchmarks")
+    bm.set_defaults(func=cmd_bench_model)
 
     d = sub.add_parser("demo", help="compress SmolLM2 with low-rank variants; write a table and a plot")
     d.add_argument("--out", default="docs/demo")
