@@ -254,6 +254,8 @@ class Row:
 
 
 def _ref_logits(model, device):
+    """Last-token logits of the same weights, eager, unprepared, and layers with several paths on their
+    plainest one (SS1: the merged dense weight through cuBLAS, independent of the sketch kernels)."""
     forced = [m for m in model.modules() if hasattr(m, "force_path")]
     for m in forced:
         m.force_path = "dense"
@@ -287,15 +289,7 @@ def bench_variant(model, label, prefills, decodes, context, share_shape, device,
     timing = timing or {}
     row = Row(label, params_linear, flops_ratio)
     row.rel_err_fp32 = fp32_check(model, fuse, device, use_graph)
-    # reference: the same weights, eager, unfused, and layers with several paths on their plainest one
-    # (SS1: the merged dense weight through cuBLAS, independent of the sketch kernels)
-    forced = [m for m in model.modules() if hasattr(m, "force_path")]
-    for m in forced:
-        m.force_path = "dense"
-    ref_run, _ = prefill_runner(model, 1, 128, device, use_graph=False, seed=7)
-    ref_logits = ref_run().float().clone()
-    for m in forced:
-        m.force_path = None
+    ref_logits = _ref_logits(model, device)
     if fuse:
         from ..serve import prepare_for_serving
 
