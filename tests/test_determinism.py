@@ -13,7 +13,7 @@ for method in sl.available_methods():
     sl.compress(m, sl.CompressConfig(method=method, keep=0.5, seed=3), calib=batches(n=2), progress=False)
     h = hashlib.sha256()
     for k, v in sorted(m.state_dict().items()):
-        h.update(k.encode()); h.update(v.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(k.encode()); h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     print(method, h.hexdigest())
 """
 
