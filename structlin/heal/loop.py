@@ -164,6 +164,9 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
         world, rank = distributed.world(), distributed.rank()
 
     opt = make_optimizer(model, hooks, lr=lr, weight_decay=weight_decay, train=train)
+    for h in hooks:  # hooks that reshape parameters (LoSparse row-gating) keep the optimizer in step
+        if hasattr(h, "attach_optimizer"):
+            h.attach_optimizer(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_schedule(s, steps, warmup, min_lr_ratio))
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     result = HealResult(steps=0, trainable=sum(p.numel() for p in trained.values()))
@@ -257,7 +260,8 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
             done = step + 1
             if checkpoint_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
                 if rank == 0:
-                    _save_checkpoint(checkpoint_dir, done, steps, trained, opt, sched, hooks, result,
+                    current = {n: p for n, p in model.named_parameters() if n in trained}  # hooks may swap them
+                    _save_checkpoint(checkpoint_dir, done, steps, current, opt, sched, hooks, result,
                                      keep_checkpoints)
                 distributed.barrier()
     finally:
