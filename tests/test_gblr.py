@@ -341,3 +341,17 @@ def test_clear_errors():
         layer.widths.zero_()
     with pytest.raises(ConfigError, match="empty box"):
         G.export_layer(layer, 16)
+
+
+def test_chunk_gemm_reference_under_cpu_autocast():
+    """Under bf16 autocast the batched product comes out in bf16; the block sum still accumulates in fp32."""
+    from structlin.kernels.gblr import chunk_gemm_ref
+
+    g = torch.Generator().manual_seed(5)
+    a, bt = torch.randn(5, 8, generator=g), torch.randn(8, 4, generator=g)
+    ptr, acol, brow = torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunk_gemm_ref(a, bt, ptr, acol, brow, 8, 4)
+    ref = a.double() @ bt.double()
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())

@@ -61,7 +61,7 @@ def chunk_gemm_ref(a: torch.Tensor, bt: torch.Tensor, ptr: torch.Tensor, acol: t
         ag = ap[:, acol.long()[:, None] + ar].permute(1, 0, 2)          # (E, M, D)
         bg = _acc(bt)[brow.long()[:, None] + ar]                         # (E, D, W)
         prod = torch.bmm(ag, bg.to(ag.dtype))                            # (E, M, W)
-        out = aa.new_zeros(nb, M, W).index_add(0, blk, prod).permute(1, 0, 2).reshape(M, nb * W)
+        out = aa.new_zeros(nb, M, W).index_add(0, blk, prod.to(aa.dtype)).permute(1, 0, 2).reshape(M, nb * W)
     out = out[:, :out_cols]
     if bias is not None:
         out = out + _acc(bias)
