@@ -273,6 +273,15 @@ def allocate_mixed_uniform(shapes: dict[str, tuple[int, int, bool]], choices: di
             plan.reasons[name] = "no structured form is smaller than dense"
     plan.budget = int(keep * plan.targeted + 1e-9)
     used = sum(fronts[n][pos[n]].params for n in shapes)
+    # layers that cannot shrink (no structured form) may push the start over budget: step the others down,
+    # the one furthest above its share first, until it fits or every layer is at its smallest size
+    while used > plan.budget:
+        down = [n for n in fronts if pos[n] > 0]
+        if not down:
+            break
+        worst = max(down, key=lambda n: (fronts[n][pos[n]].params - share[n]) / fronts[n][-1].params)
+        used -= fronts[worst][pos[worst]].params - fronts[worst][pos[worst] - 1].params
+        pos[worst] -= 1
     while True:
         best, best_gap = None, None
         for name, front in fronts.items():
