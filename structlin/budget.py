@@ -173,6 +173,19 @@ def _hull(front: list[Choice], start: int) -> list[int]:
     return hull
 
 
+def _finish(plan: Plan, shapes, fronts, pos, used: int, dense_reason: str) -> Plan:
+    """Write the chosen point of every layer's front into `plan`."""
+    for name in shapes:
+        c = fronts[name][pos[name]]
+        plan.specs[name] = c.spec
+        plan.methods[name] = None if c.spec is None else c.method
+        if c.spec is None and name not in plan.reasons:
+            plan.reasons[name] = dense_reason
+    plan.used = used
+    plan.errors = {n: fronts[n][pos[n]].error for n in shapes}
+    return plan
+
+
 def allocate_curves(shapes: dict[str, tuple[int, int, bool]], choices: dict[str, list[Choice]], keep: float,
                     floor: float = 0.0) -> Plan:
     """Split keep × targeted params over layers to minimise the summed estimated error.
@@ -244,15 +257,7 @@ def allocate_curves(shapes: dict[str, tuple[int, int, bool]], choices: dict[str,
         name, j = best
         used += fronts[name][j].params - fronts[name][pos[name]].params
         pos[name] = j
-    for name in shapes:
-        c = fronts[name][pos[name]]
-        plan.specs[name] = c.spec
-        plan.methods[name] = None if c.spec is None else c.method
-        if c.spec is None and name not in plan.reasons:
-            plan.reasons[name] = "allocation keeps it dense"
-    plan.used = used
-    plan.errors = {n: fronts[n][pos[n]].error for n in shapes}
-    return plan
+    return _finish(plan, shapes, fronts, pos, used, "allocation keeps it dense")
 
 
 def allocate_mixed_uniform(shapes: dict[str, tuple[int, int, bool]], choices: dict[str, list[Choice]],
@@ -295,12 +300,4 @@ def allocate_mixed_uniform(shapes: dict[str, tuple[int, int, bool]], choices: di
             break
         used += fronts[best][pos[best] + 1].params - fronts[best][pos[best]].params
         pos[best] += 1
-    for name in shapes:
-        c = fronts[name][pos[name]]
-        plan.specs[name] = c.spec
-        plan.methods[name] = None if c.spec is None else c.method
-        if c.spec is None and name not in plan.reasons:
-            plan.reasons[name] = "budget leaves it dense"
-    plan.used = used
-    plan.errors = {n: fronts[n][pos[n]].error for n in shapes}
-    return plan
+    return _finish(plan, shapes, fronts, pos, used, "budget leaves it dense")

@@ -23,6 +23,7 @@ from torch import nn
 
 from .methods import StructuredLinear
 from .modules import set_submodule
+from .targeting import linear_modules
 
 
 def _kind(layer: nn.Module) -> str | None:
@@ -129,14 +130,14 @@ def find_siblings(model: nn.Module, example: dict) -> list[list[str]]:
     seen: dict[str, int] = {}
     alive: list[torch.Tensor] = []   # inputs kept alive so that no two distinct inputs share an id
     handles = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, StructuredLinear)) and not _inside_structured(model, name):
-            def record(m, args, name=name):
-                if name not in seen:          # returns None: the arguments are unchanged
-                    alive.append(args[0])
-                    seen[name] = id(args[0])
-
-            handles.append(mod.register_forward_pre_hook(record))
+    layers = {**linear_modules(model),   # dense layers, not the inner factors of structured ones
+              **{n: m for n, m in model.named_modules() if isinstance(m, StructuredLinear)}}
+    for name, mod in layers.items():
+        def record(m, args, name=name):
+            if name not in seen:          # returns None: the arguments are unchanged
+                alive.append(args[0])
+                seen[name] = id(args[0])
+        handles.append(mod.register_forward_pre_hook(record))
     try:
         model(**example)
     finally:
@@ -146,14 +147,6 @@ def find_siblings(model: nn.Module, example: dict) -> list[list[str]]:
     for name, key in seen.items():
         by_input.setdefault(key, []).append(name)
     return [names for names in by_input.values() if len(names) > 1]
-
-
-def _inside_structured(model, name) -> bool:
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), StructuredLinear):
-            return True
-    return False
 
 
 def fuse_siblings(model: nn.Module, example: dict) -> list[tuple[str, list[str]]]:

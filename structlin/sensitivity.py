@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibrate.collect import model_device, prepare_batch, run_model
+from .calibrate.collect import grad_through_embeddings, model_device, prepare_batch, progress_bar, run_model
 from .errors import CalibrationError
 from .modules import dense_weight, linear_shape
 
@@ -70,15 +70,11 @@ def output_grad_grams(model: nn.Module, modules: dict[str, nn.Module], batches, 
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None:
-        handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True) if not o.requires_grad else None))
+    emb_hook = grad_through_embeddings(model)
+    if emb_hook is not None:
+        handles.append(emb_hook)
     items = list(batches)
-    it = items
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(items, desc="output gradients", leave=False)
+    it = progress_bar(items, "output gradients", progress)
     try:
         for i, batch in enumerate(it):
             inputs, mask = prepare_batch(batch, model, i)
@@ -256,11 +252,7 @@ def measure(model: nn.Module, targets: dict[str, nn.Module], method, opts, stats
     if not todo:
         return {n: done[n] for n in names}
     runner = TailRunner(model, batches, names, loss_fn)
-    items = todo
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(todo, desc=f"sensitivity ({method.name})", leave=False)
+    items = progress_bar(todo, f"sensitivity ({method.name})", progress)
     from .modules import set_submodule
 
     for i, name in enumerate(items):
@@ -391,11 +383,7 @@ def estimate_choices(model: nn.Module, targets: dict[str, nn.Module], shapes: di
         key = ("curves", m.name, repr(o), kind)
         held = cache.setdefault(key, {})
         todo = [n for n in targets if n not in held]
-        items = todo
-        if progress and todo:
-            from tqdm.auto import tqdm
-
-            items = tqdm(todo, desc=f"error curves ({m.name})", leave=False)
+        items = progress_bar(todo, f"error curves ({m.name})", progress and bool(todo))
         for name in items:
             specs = m.candidates(*shapes[name], o)
             st = None if stats_by_method.get(m.name) is None else stats_by_method[m.name][name]

@@ -163,12 +163,22 @@ def run_model(model: nn.Module, inputs: dict):
     return model(**inputs)
 
 
-def _progress(iterable, desc, enabled, total=None):
+def progress_bar(iterable, desc, enabled, total=None):
+    """`iterable` under a tqdm bar when `enabled`, else unchanged."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def grad_through_embeddings(model: nn.Module):
+    """Make the input-embedding output require grad (so activations carry gradients) without touching
+    the parameters; returns the hook handle, or None for models without input embeddings."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        return None
+    return emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True) if not o.requires_grad else None)
 
 
 def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable, needs: set[str],
@@ -177,7 +187,7 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable, 
     n = 0
     total = len(batches) if hasattr(batches, "__len__") else None
     with Collector(modules, needs) as col, torch.no_grad():
-        for i, batch in enumerate(_progress(batches, "calibrating", progress, total)):
+        for i, batch in enumerate(progress_bar(batches, "calibrating", progress, total)):
             inputs, mask = prepare_batch(batch, model, i)
             col.start_batch(mask)
             run_model(model, inputs)

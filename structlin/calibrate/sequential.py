@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationError
-from .collect import Collector, _progress, prepare_batch, run_model
+from .collect import Collector, prepare_batch, progress_bar, run_model
 from .stats import Stats
 
 
@@ -97,7 +97,7 @@ def run_sequential(model: nn.Module, targets: dict[str, nn.Module], batches: Ite
     if not cache:
         raise CalibrationError("calibration data is empty: the iterable gave no batches")
 
-    for b, block in enumerate(_progress(blocks, "sequential calibration", progress, len(blocks))):
+    for b, block in enumerate(progress_bar(blocks, "sequential calibration", progress, len(blocks))):
         home = next(block.parameters()).device
         device = torch.device(exec_device) if exec_device is not None else home
         if device != home:

@@ -18,6 +18,7 @@ and ends exactly where an uninterrupted run would (fp32 on CPU bit-for-bit).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -108,13 +109,19 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def latest_checkpoint(directory) -> Path | None:
+def _checkpoints(directory) -> list[Path]:
+    """The checkpoint files in `directory`, oldest step first."""
     d = Path(directory)
     if not d.is_dir():
-        return None
+        return []
     found = sorted((int(p.name[len(CKPT_PREFIX):-3]), p) for p in d.glob(f"{CKPT_PREFIX}*.pt")
                    if p.name[len(CKPT_PREFIX):-3].isdigit())
-    return found[-1][1] if found else None
+    return [p for _, p in found]
+
+
+def latest_checkpoint(directory) -> Path | None:
+    found = _checkpoints(directory)
+    return found[-1] if found else None
 
 
 def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None, lr: float = 1e-4,
@@ -220,9 +227,9 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
                 idx = order[(step - start) * per_step + rank * grad_accum + j]
                 b = {k: v.to(device) for k, v in batches[idx].items()}
                 mask = b.get("attention_mask")
-                ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else _nullctx()
+                ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
                 sync = j == grad_accum - 1 or runner is model
-                with ctx, (_nullctx() if sync else runner.no_sync()):
+                with ctx, (contextlib.nullcontext() if sync else runner.no_sync()):
                     out = runner(**b, use_cache=False, output_hidden_states=need_hidden)
                     t_out = None
                     if teacher is not None:
@@ -283,14 +290,6 @@ def _mean_over_ranks(total: float, parts: dict, device) -> tuple[float, dict]:
     return t[0].item(), {k: t[i + 1].item() for i, k in enumerate(keys)}
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def _save_checkpoint(directory, done, steps, trained, opt, sched, hooks, result, keep) -> None:
     d = Path(directory)
     state = {"step": done, "steps": steps, "names": sorted(trained),
@@ -299,9 +298,7 @@ def _save_checkpoint(directory, done, steps, trained, opt, sched, hooks, result,
              "hooks": [h.state_dict() for h in hooks], "rng": torch.get_rng_state(),
              "losses": list(result.losses), "parts": list(result.parts)}
     _atomic_save(state, d / f"{CKPT_PREFIX}{done}.pt")
-    old = sorted((int(p.name[len(CKPT_PREFIX):-3]), p) for p in d.glob(f"{CKPT_PREFIX}*.pt")
-                 if p.name[len(CKPT_PREFIX):-3].isdigit())
-    for _, p in old[:-keep]:
+    for p in _checkpoints(d)[:-keep]:
         p.unlink()
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibrate.collect import model_device, prepare_batch, run_model
+from ..calibrate.collect import grad_through_embeddings, model_device, prepare_batch, progress_bar, run_model
 from ..calibrate.stats import Stats
 from ..config import choice, option
 from ..errors import CalibrationError, ConfigError
@@ -310,17 +310,13 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches, opts, *, l
         return hook
 
     handles = [m.register_forward_pre_hook(pre_hook(n, linear_shape(m)[0])) for n, m in modules.items()]
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if grad and emb is not None:    # make activations require grad without touching the parameters
-        handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True) if not o.requires_grad else None))
+    emb_hook = grad_through_embeddings(model) if grad else None
+    if emb_hook is not None:
+        handles.append(emb_hook)
     items = list(batches)
     if not items:
         raise CalibrationError("calibration data is empty: the iterable gave no batches")
-    it = items
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(items, desc="calibrating (espace)", leave=False)
+    it = progress_bar(items, "calibrating (espace)", progress)
     try:
         for i, batch in enumerate(it):
             inputs, mask = prepare_batch(batch, model, i)
