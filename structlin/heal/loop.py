@@ -222,7 +222,7 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
     order = micro_batch_order(len(batches), (end - start) * per_step, seed, start * per_step)
     try:
         for step in range(start, end):
-            total, parts = 0.0, {"lm": 0.0, "kl": 0.0, "hidden": 0.0}
+            acc = torch.zeros(4, dtype=torch.float64, device=device)   # total, lm, kl, hidden: one sync per step
             for j in range(grad_accum):
                 idx = order[(step - start) * per_step + rank * grad_accum + j]
                 b = {k: v.to(device) for k, v in batches[idx].items()}
@@ -235,23 +235,23 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
                     if teacher is not None:
                         with torch.no_grad():
                             t_out = teacher(**b, use_cache=False, output_hidden_states=need_hidden)
-                loss = torch.zeros((), device=device)
-                if lm_weight:
-                    v = lm_loss(out.logits, b["input_ids"], mask)
-                    loss, parts["lm"] = loss + lm_weight * v, parts["lm"] + v.item() / grad_accum
-                if kl_weight:
-                    v = kl_distill(out.logits, t_out.logits, temperature, mask)
-                    loss, parts["kl"] = loss + kl_weight * v, parts["kl"] + v.item() / grad_accum
-                if hidden_weight:
-                    v = hidden_mse(out.hidden_states[1:], t_out.hidden_states[1:], mask)
-                    loss, parts["hidden"] = loss + hidden_weight * v, parts["hidden"] + v.item() / grad_accum
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"heal: the loss became {loss.item()} at step {step}; lower the "
-                                             f"learning rate (now {lr:g}) or use fp32")
+                zero = torch.zeros((), device=device)
+                lm = lm_loss(out.logits, b["input_ids"], mask) if lm_weight else zero
+                kl = kl_distill(out.logits, t_out.logits, temperature, mask) if kl_weight else zero
+                hid = hidden_mse(out.hidden_states[1:], t_out.hidden_states[1:], mask) if hidden_weight else zero
+                loss = lm_weight * lm + kl_weight * kl + hidden_weight * hid
+                acc += torch.stack([loss, lm, kl, hid]).detach().double() / grad_accum
                 (loss / grad_accum).backward()
-                total += loss.item() / grad_accum
             if world > 1:
-                total, parts = _mean_over_ranks(total, parts, device)
+                import torch.distributed as dist
+
+                dist.all_reduce(acc)
+                acc /= world
+            total, lm_v, kl_v, hid_v = acc.tolist()
+            parts = {"lm": lm_v, "kl": kl_v, "hidden": hid_v}
+            if not math.isfinite(total):   # before the optimizer touches the weights
+                raise FloatingPointError(f"heal: the loss became {total} at step {step}; lower the "
+                                         f"learning rate (now {lr:g}) or use fp32")
             run_after_backward(hooks, model, step)
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], max_grad_norm)
@@ -278,16 +278,6 @@ def heal(model: nn.Module, data, *, steps: int, teacher: nn.Module | None = None
     result.steps = end
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _mean_over_ranks(total: float, parts: dict, device) -> tuple[float, dict]:
-    import torch.distributed as dist
-
-    keys = sorted(parts)
-    t = torch.tensor([total] + [parts[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return t[0].item(), {k: t[i + 1].item() for i, k in enumerate(keys)}
 
 
 def _save_checkpoint(directory, done, steps, trained, opt, sched, hooks, result, keep) -> None:
