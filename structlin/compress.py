@@ -71,6 +71,9 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
            methods whose statistics need gradients (ESPACE `nl`) on models without a built-in loss.
     offload, exec_device: sequential mode only — keep cached activations on the CPU, and run each block
            on `exec_device` (e.g. "cuda") while the model stays where it is (a model larger than the GPU).
+    cache: a dict the caller keeps across calls on the same dense model (as `structlin sweep` does): the
+           statistics, error curves, gradient Grams and rank-independent factorizations (lowrank's SVD) are
+           computed once and reused at every keep. It holds about twice the targeted weights in float64.
     """
     if not isinstance(cfg, CompressConfig):
         raise ConfigError(f"cfg must be a structlin.CompressConfig, got {type(cfg).__name__}")
@@ -93,6 +96,7 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
         raise ConfigError("sequential mode calibrates on the compressed model as it goes: pass calib, not stats")
     if calib is not None or stats is not None:
         needs = needs | {"gram"}  # the report's output error comes from the Gram at no extra pass
+    keep_factors = cache is not None   # a caller-held cache also keeps rank-independent factorizations
     cache = {} if cache is None else cache
     if sequential or mixed or cfg.allocation != "uniform":
         calib = None if calib is None else list(calib)  # may be read more than once
@@ -114,6 +118,10 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
             else:
                 held = m.collect(model, modules, calib, o, progress=progress, loss_fn=loss_fn)
             cache[key] = held
+            if keep_factors and isinstance(held, dict):
+                store = cache.setdefault(("factors",), {})
+                for st in held.values():
+                    st.factors = store
         return held
 
     per_method_stats: dict = {}

@@ -303,11 +303,10 @@ def weighted_error(weight: torch.Tensor, approx: torch.Tensor, gram: torch.Tenso
 def _lowrank_curve(weight, stats, opts, specs, cgrad):
     """All ranks at once for lowrank (any variant): with A = W T = U Σ Vᵀ and E_k = U_{>k} Σ_{>k} V_{>k}ᵀ T⁻¹,
     tr(E_k C Eᵀ_k C_g) = Σ_{i,j>k} σ_i σ_j M_ij Q_ji, M = Vᵀ T⁻¹ C T⁻ᵀ V, Q = Uᵀ C_g U (Q = I without C_g)."""
-    from .methods.lowrank import transform
+    from .methods.lowrank import decompose
 
     gram = stats.gram_mean().to(weight)
-    a, undo = transform(weight, opts.variant, stats, opts.alpha, opts.damp, getattr(stats, "name", ""))
-    U, S, Vh = torch.linalg.svd(a, full_matrices=False)
+    U, S, Vh, undo = decompose(weight, opts.variant, stats, opts.alpha, opts.damp, getattr(stats, "name", ""))
     B = undo(Vh)                                   # rows v_iᵀ T⁻¹ (r × K)
     M = B @ gram @ B.T
     if cgrad is None:

@@ -216,3 +216,40 @@ def test_spectral_allocation_is_exact_and_respects_tiles():
         assert plan.budget - used < 64 * (1536 + 576)  # no further step fits
         for n, s in plan.specs.items():
             assert s is None or s.rank % budget.tile_quantum(*shapes[n][:2]) == 0
+
+
+def test_caller_cache_reuses_one_svd_per_layer_and_changes_nothing(monkeypatch):
+    """A sweep-style cache computes each layer's whitened SVD once across keeps and allocations, and the
+    models equal those compressed without a cache, bit for bit."""
+    import copy
+
+    calib = batches(n=6, t=32)
+
+    base = tiny_llama()
+    real_svd, calls = torch.linalg.svd, []
+
+    def counting_svd(a, *args, **kw):
+        calls.append(tuple(a.shape))
+        return real_svd(a, *args, **kw)
+
+    plain = {}
+    for keep in (0.8, 0.5):
+        m = copy.deepcopy(base)
+        sl.compress(m, sl.CompressConfig(keep=keep, options={"variant": "whiten"}), calib=calib, progress=False)
+        plain[keep] = m
+    monkeypatch.setattr(torch.linalg, "svd", counting_svd)
+    cache: dict = {}
+    for keep, alloc in ((0.8, "uniform"), (0.5, "uniform"), (0.5, "spectral")):
+        m = copy.deepcopy(base)
+        sl.compress(m, sl.CompressConfig(keep=keep, allocation=alloc, options={"variant": "whiten"}), calib=calib,
+                    cache=cache, progress=False)
+        if alloc == "uniform":
+            for (n, p), (_, q) in zip(m.named_parameters(), plain[keep].named_parameters()):
+                assert torch.equal(p, q), n
+    n_targets = len(sl.targeting.select(base, "all-linear", [], None))
+    assert len(calls) == n_targets      # one SVD per targeted layer over all three calls
+    assert len(cache[("factors",)]) == n_targets
+    calls.clear()
+    m = copy.deepcopy(base)             # without a cache nothing is kept between calls
+    sl.compress(m, sl.CompressConfig(keep=0.5, options={"variant": "whiten"}), calib=calib, progress=False)
+    assert len(calls) == sum(1 for r in m.modules() if isinstance(r, sl.methods.lowrank.LowRankLinear))

@@ -107,11 +107,33 @@ def _split(U, S, Vh, k):
     return U[:, :k] * r, r[:, None] * Vh[:k]
 
 
+def decompose(weight: torch.Tensor, variant: str, stats=None, alpha: float = 0.5, damp: float = 1e-6,
+              where: str = ""):
+    """(U, S, Vh, undo): the full SVD of the variant's matrix A (see `transform`) and A's undo map.
+
+    The SVD does not depend on the rank, so when `stats` carries a `factors` dict (set by `compress` only when
+    the caller passes a `cache`, as `structlin sweep` does) it is kept there, keyed by the variant, its
+    settings and the weight's bytes, and every later keep, error curve or allocation reuses it. Without
+    that opt-in nothing is kept (a 7B model's factors would be twice its size in float64)."""
+    store = getattr(stats, "factors", None)
+    key = None
+    if store is not None:
+        key = ("lowrank", variant, float(alpha), float(damp), tuple(weight.shape),
+               hash(weight.detach().cpu().numpy().tobytes()))
+        if key in store:
+            return store[key]
+    a, undo = transform(weight, variant, stats, alpha, damp, where)
+    U, S, Vh = torch.linalg.svd(a, full_matrices=False)
+    out = (U, S, Vh, undo)
+    if store is not None:
+        store[key] = out
+    return out
+
+
 def factorize(weight: torch.Tensor, rank: int, variant: str, stats=None, alpha: float = 0.5,
               damp: float = 1e-6, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(U (N×k), V (k×K)) minimising the variant's objective; `weight` is (N × K) float64."""
-    a, undo = transform(weight, variant, stats, alpha, damp, where)
-    U, S, Vh = torch.linalg.svd(a, full_matrices=False)
+    U, S, Vh, undo = decompose(weight, variant, stats, alpha, damp, where)
     u, v = _split(U, S, Vh, rank)
     return u, undo(v)
 
@@ -132,8 +154,8 @@ class LowRank(Method):
     def error_curve(self, weight, stats, opts, specs):
         """Σ_{i>k} σ_i² / Σ σ_i² of the variant's matrix: for whiten exactly the relative calibration
         output error ‖(W − Ŵ)X‖²/‖WX‖² at rank k."""
-        m, _ = transform(weight, opts.variant, stats, opts.alpha, opts.damp, getattr(stats, "name", ""))
-        sv2 = torch.linalg.svdvals(m).pow(2)
+        _, S, _, _ = decompose(weight, opts.variant, stats, opts.alpha, opts.damp, getattr(stats, "name", ""))
+        sv2 = S.pow(2)
         total = sv2.sum().clamp_min(torch.finfo(sv2.dtype).tiny)
         return [(sv2[s.rank:].sum() / total).item() for s in specs]
 
