@@ -311,3 +311,78 @@ def test_tied_kernels_match_float64(interpret, dtype, tol, K, r, bk):
     for m in (1, M):   # the one-launch decode kernel, M ≤ 16
         yd = ops.ss1_tied_decode(x[:m].contiguous(), L.rot_tied, L.weight.detach(), L.bias.detach(), bk)
         assert rel(yd, y64[:m].detach()) <= tol
+
+
+# ----------------------------------------------------------------------------- data-aware sharing (table)
+
+def _correlated(K, N, T, seed=0, sample_seed=None):
+    """Inputs from a low-dimensional latent plus noise, features rescaled (mixing fixed by `seed`, the draw by
+    `sample_seed`), a random W and the calibration Stats of the draw."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(K // 6, K, dtype=f64, generator=g)
+    sc = torch.rand(K, dtype=f64, generator=g) * 3 + 0.2
+    W = torch.randn(N, K, dtype=f64, generator=g)
+    gs = torch.Generator().manual_seed(seed + 1 if sample_seed is None else sample_seed)
+    X = (torch.randn(T, K // 6, dtype=f64, generator=gs) @ A + 0.2 * torch.randn(T, K, dtype=f64, generator=gs)) * sc
+    st = Stats("l", K, {"gram"})
+    st.update(X)
+    return X, W, st
+
+
+def test_share_beats_lstsq_and_average_on_fresh_inputs():
+    K, N = 96, 40
+    _, W, st = _correlated(K, N, 3000)
+    Xt, _, _ = _correlated(K, N, 2000, sample_seed=99)          # fresh inputs of the same distribution
+    errs = {}
+    for p in ("average", "lstsq", "share", "auto"):
+        spec = ss1.SS1Spec(K, N, False, r=2, bk=8, scheme="table")
+        L = ss1.SS1().project(W, None, spec, st, ss1.SS1Options(projection=p), torch.Generator())
+        errs[p] = ((Xt @ (W - L.to_dense()).T).norm() / (Xt @ W.T).norm()).item()
+        if p == "share":
+            # exactly K/r buckets, all used; the layer's forward applies the chosen table
+            used = torch.unique(L.bucket[L.scale != 0].long())
+            assert spec.buckets == K // 2 and used.numel() == spec.buckets
+            assert int(L.bucket.min()) >= 0 and int(L.bucket.max()) < spec.buckets
+            x = torch.randn(7, K, dtype=f64)
+            torch.testing.assert_close(L(x), x @ L.to_dense().T)
+            assert L.share_info["err"] <= L.share_info["err_select"] + 1e-12
+    assert errs["share"] < 0.85 * errs["lstsq"] and errs["lstsq"] < errs["average"]
+    assert errs["auto"] == errs["share"]
+
+
+def test_share_selection_gain_matches_brute_force():
+    """The factored greedy step picks the feature whose addition explains the most energy (checked by solving
+    every candidate's least squares directly), and 'share' on another scheme is a clear error."""
+    K, N = 24, 10
+    X, W, st = _correlated(K, N, 500, seed=2)
+    C = st.gram_mean()
+    M = W @ C
+    order = ss1.greedy_select(M, C, 5).tolist()
+    chosen = []
+    for t in range(5):
+        def explained(T):
+            return torch.trace(M[:, T] @ torch.linalg.solve(C[T][:, T], M[:, T].T)).item()
+        best = max((i for i in range(K) if i not in chosen), key=lambda i: explained(chosen + [i]))
+        assert order[t] == best
+        chosen.append(best)
+    with pytest.raises(structlin.ConfigError, match="scheme='table'"):
+        ss1.SS1().project(W, None, ss1.SS1Spec(K, N, False, r=2, bk=8), st, ss1.SS1Options(projection="share"),
+                          torch.Generator())
+
+
+def test_compress_table_share_roundtrip(tmp_path):
+    model = tiny_llama()
+    cfg = structlin.CompressConfig(method="ss1", keep=0.6, options={"scheme": "table"})
+    rep = structlin.compress(model, cfg, calib=batches(n=2), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, ss1.SS1Linear)]
+    assert layers and all(hasattr(m, "share_info") for m in layers)
+    assert any(not torch.equal(m.bucket.long(), ss1.tied_buckets(m.spec)) for m in layers)
+    structlin.save_pretrained(model, tmp_path / "s")
+    back = structlin.from_pretrained(tmp_path / "s")
+    for m in back.modules():
+        if isinstance(m, ss1.SS1Linear):
+            assert torch.unique(m.bucket).numel() == m.spec.buckets
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+    assert rep.kept_params <= rep.budget
