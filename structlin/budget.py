@@ -60,14 +60,21 @@ def _ladders(shapes, method, opts, plan: Plan) -> tuple[dict, dict]:
     return ladders, cost
 
 
-def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, keep: float) -> Plan:
+def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, keep: float,
+                     groups: list[list[str]] | None = None) -> Plan:
     """Give every layer the same share `keep` of its own params, then fill the remaining budget.
 
     Each layer starts at the largest size not above its share (or the smallest size there is). Then, while
     budget remains, the layer furthest below its share (relative to its size) moves up one size step; the
     last step of every ladder is "stay dense". The result never exceeds keep × targeted params, except
     where a layer's smallest structured form already exceeds its share.
+
+    groups: lists of layers that share part of their structure (ESPACE's one P for q/k/v): each group is
+    one unit sized by `method.group_candidates({name: shape}, opts)` (a ladder of {name: spec}), charged
+    the exact sum of its members' `spec_params`, with the dense params of all members as its share base.
     """
+    if groups:
+        return _allocate_uniform_units(shapes, method, opts, keep, groups)
     plan = Plan()
     ladders, cost = _ladders(shapes, method, opts, plan)
     share = {name: keep * cost[name][-1] for name in shapes}
@@ -94,6 +101,69 @@ def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, kee
         plan.specs[name] = ladders[name][pos[name]]
         if plan.specs[name] is None and name not in plan.reasons:
             plan.reasons[name] = "budget leaves it dense"
+    plan.used = used
+    return plan
+
+
+def _allocate_uniform_units(shapes, method, opts, keep: float, groups: list[list[str]]) -> Plan:
+    """`allocate_uniform` over units: each group one unit (its ladder of {name: spec}), every other layer
+    its own unit; the same start-at-share and fill rules."""
+    plan = Plan()
+    grouped = {n for g in groups for n in g}
+    units: dict[str, list[str]] = {}
+    for g in groups:
+        units[g[0]] = list(g)
+    for name in shapes:
+        if name not in grouped:
+            units[name] = [name]
+    ladders, cost = {}, {}
+    for u, names in units.items():
+        if len(names) > 1:
+            members = {n: shapes[n] for n in names}
+            try:
+                rungs = list(method.group_candidates(members, opts))
+            except StructlinError as e:
+                raise TargetError(f"modules {names}: {e}") from None
+        else:
+            k, n, b = shapes[u]
+            try:
+                rungs = [{u: s} for s in method.candidates(k, n, b, opts)]
+            except StructlinError as e:
+                raise TargetError(f"module '{u}' ({n}×{k}): {e}") from None
+        dense = sum(dense_params(*shapes[n]) for n in names)
+        ladders[u] = rungs + [None]
+        cost[u] = [sum(method.spec_params(s) for s in r.values()) for r in rungs] + [dense]
+        plan.targeted += dense
+        if not rungs:
+            for n in names:
+                plan.reasons[n] = "no structured form is smaller than dense"
+    share = {u: keep * cost[u][-1] for u in units}
+    pos = {}
+    for u in units:
+        fits = [i for i, c in enumerate(cost[u]) if c <= share[u] + 1e-9]
+        pos[u] = fits[-1] if fits else 0
+    plan.budget = int(keep * plan.targeted + 1e-9)
+    used = sum(cost[u][pos[u]] for u in units)
+    while True:
+        best, best_gap = None, None
+        for u in units:
+            i = pos[u]
+            if i + 1 >= len(cost[u]) or used - cost[u][i] + cost[u][i + 1] > plan.budget:
+                continue
+            gap = (share[u] - cost[u][i]) / cost[u][-1]
+            if best is None or gap > best_gap:
+                best, best_gap = u, gap
+        if best is None:
+            break
+        used += cost[best][pos[best] + 1] - cost[best][pos[best]]
+        pos[best] += 1
+    for u, names in units.items():
+        rung = ladders[u][pos[u]]
+        for n in names:
+            plan.specs[n] = None if rung is None else rung[n]
+            if rung is None and n not in plan.reasons:
+                plan.reasons[n] = "budget leaves it dense"
+    plan.specs = {n: plan.specs[n] for n in shapes}
     plan.used = used
     return plan
 

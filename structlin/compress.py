@@ -126,7 +126,10 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
 
     per_method_stats: dict = {}
     if cfg.allocation == "uniform" and not mixed:
-        plan = budget.allocate_uniform(shapes, method, opts, cfg.keep)
+        groups = None   # layers sharing part of their structure (ESPACE: one P for q/k/v), sized as one unit
+        if hasattr(method, "input_groups") and not sequential and (stats is not None or calib is not None):
+            groups = method.input_groups(stats_of(method, opts, targets), opts)
+        plan = budget.allocate_uniform(shapes, method, opts, cfg.keep, groups=groups)
     else:
         from . import sensitivity
 
@@ -207,6 +210,9 @@ def compress(model: nn.Module, cfg: CompressConfig, calib=None, *, stats: dict |
             st_all = stats.get(plan.methods.get(name) or method.name)
             replace(name, None if st_all is None else st_all[name])
 
+    for m, _ in mlist:
+        if hasattr(m, "link"):  # structures whose layers share tensors (ESPACE's shared P) connect them
+            m.link(model)
     for name in targets:
         if name not in rows:
             k, n, b = shapes[name]

@@ -238,6 +238,9 @@ def from_pretrained(path, *, model: nn.Module | None = None, dtype=None, device=
         missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]
     if missing:
         raise LoadError(f"{weights} lacks tensors the model needs: {sorted(missing)[:6]}")
+    for mname in sorted({e.get("method") for e in meta.get("modules", {}).values()}):
+        if hasattr(methods.get(mname), "link"):  # layers sharing a tensor (ESPACE's shared P) connect to it
+            methods.get(mname).link(model)
     if device is not None:
         model.to(device)
     if dtype is not None:
