@@ -9,6 +9,10 @@ Forms accepted for `targets` and `exclude` (PEFT conventions, plus ESPACE's expr
 * an ESPACE expression ``a__AND__b__OR__c__NOT__d``: plain substring tests, AND binds tightest, one NOT
                     at most ("(a and b) or c, and not d"). Beware: "layers.1" is a substring of "layers.10".
 
+A list given as `exclude` also drops everything inside a listed module: ``exclude=["pooler"]`` drops
+"pooler.dense", ``exclude=["layers.0"]`` every linear of block 0 (an entry matches a module or any of its
+parents, exactly or as a dotted suffix).
+
 `layers` keeps only modules inside the given transformer blocks (``layer.N.``, ``layers.N.``, ``h.N.``,
 ``block(s).N.``). `select` returns name -> module in model order; zero matches is an error.
 """
@@ -97,6 +101,12 @@ def select(model: nn.Module, targets="all-linear", exclude=None, layers=None) ->
         chosen = {n: m for n, m in candidates.items() if match(n)}
     if exclude:
         drop = name_matcher(exclude)
+        if not isinstance(exclude, str):          # a listed module excludes its children too
+            own = drop
+
+            def drop(name):
+                parts = name.split(".")
+                return any(own(".".join(parts[:i])) for i in range(1, len(parts) + 1))
         chosen = {n: m for n, m in chosen.items() if not drop(n)}
     if layers is not None:
         wanted = set(layers)

@@ -40,6 +40,17 @@ def test_list_suffix_regex_exclude_layers():
     assert names(tiny_bert(), layers=[0], targets=["query"]) == ["encoder.layer.0.attention.self.query"]
 
 
+def test_exclude_list_drops_children_of_a_listed_module():
+    bert = names(tiny_bert(), exclude=["pooler"])
+    assert "pooler.dense" not in bert and len(bert) == 12
+    assert names(tiny_bert(), exclude=["attention", "pooler"]) == [
+        f"encoder.layer.{i}.{s}" for i in range(2) for s in ("intermediate.dense", "output.dense")]
+    llama = names(tiny_llama(), exclude=["layers.0", "mlp"])
+    assert llama == [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    # an entry is matched on whole dotted components: "layers.1" is not a parent of "layers.10..."
+    assert not any(n.startswith("model.layers.0.") for n in llama)
+
+
 def test_espace_expressions():
     m = tiny_llama()
     assert names(m, targets="layers.1.__AND__mlp__OR__layers.0.__AND__q_proj__NOT__gate") == [
