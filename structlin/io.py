@@ -86,6 +86,8 @@ def _save(model: nn.Module, path: Path, tokenizer, overwrite: bool) -> Path:
     try:
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
+            if _is_transformers_model(model):   # as transformers' own save: the class saved is the class loaded
+                config.architectures = [type(model).__name__]
             config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):
@@ -148,6 +150,14 @@ def read_meta(path) -> dict:
         raise LoadError(f"{path / WEIGHTS} is {size} bytes but was saved as {meta['weights_bytes']}: the file is "
                         f"truncated or was replaced; re-save the model")
     return meta
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    try:
+        import transformers
+    except ImportError:
+        return False
+    return isinstance(model, transformers.PreTrainedModel) and hasattr(transformers, type(model).__name__)
 
 
 def _build_base(path: Path, meta: dict, dtype):

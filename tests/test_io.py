@@ -30,6 +30,26 @@ def test_round_trip_is_bit_identical(tmp_path, dtype, model):
     assert meta["history"][0]["method"] == "lowrank" and meta["torch_dtype"] == str(dtype)[6:]
 
 
+def test_task_head_model_reloads_as_its_own_class(tmp_path):
+    """A classifier built on a base checkpoint whose config names the base class (MiniLM's says BertModel)
+    reloads as the classifier, head included."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64, num_labels=3,
+                                  architectures=["BertModel"])
+    torch.manual_seed(0)
+    m = transformers.BertForSequenceClassification(cfg).eval()
+    sl.compress(m, sl.CompressConfig(keep=0.5, exclude=["pooler", "classifier"], options={"variant": "whiten"}),
+                calib=batches(n=2), progress=False)
+    sl.save_pretrained(m, tmp_path / "clf")
+    m2 = sl.from_pretrained(tmp_path / "clf")
+    assert type(m2) is transformers.BertForSequenceClassification
+    x = batches(n=1)[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, m2(x).logits)
+
+
 def test_refuses_to_overwrite_and_replaces_atomically(tmp_path, monkeypatch):
     m = compressed()
     out = tmp_path / "out"
