@@ -1,4 +1,4 @@
-"""`structlin` command line: compress, eval, heal, demo (and dry runs).
+"""`structlin` command line: compress, eval, heal, demo, sensitivity (and dry runs).
 
 Bad arguments and bad input print one line, `structlin: error: ...`, and exit with status 2.
 """
@@ -74,11 +74,45 @@ def cmd_compress(a) -> int:
         if tok is None:
             raise sl.ConfigError(f"{a.model} has no tokenizer for calibration text; use --no-calib")
         calib = data.texts(a.calib, tok, n=a.calib_n, seq_len=a.seq_len)
-    report = sl.compress(model, cfg, calib=calib)
+    if a.ranking:
+        from . import ranking
+
+        report = ranking.compress_ranked(model, ranking.load(a.ranking), a.keep, calib=calib)
+    else:
+        report = sl.compress(model, cfg, calib=calib)
     print(report)
     sl.save_pretrained(model, a.out, tokenizer=tok, overwrite=a.overwrite)
     (Path(a.out) / "report.md").write_text(report.to_markdown())
     print(f"saved to {a.out}")
+    return 0
+
+
+def cmd_sensitivity(a) -> int:
+    import torch
+
+    import structlin as sl
+
+    from . import data, ranking
+
+    options = _options(a.option)
+    if a.r:
+        options["r"] = a.r
+    model, tok = _load(a.model, a.dtype)
+    if tok is None:
+        raise sl.ConfigError(f"{a.model} has no tokenizer for calibration text")
+    calib = data.texts(a.calib, tok, n=a.calib_n, seq_len=a.seq_len)
+    pool = data.token_windows(data.text(a.calib), tok, (a.calib_n + a.val_n) * a.seq_len, a.seq_len)[a.calib_n:]
+    if len(pool) == 0:
+        raise sl.ConfigError(f"text {a.calib!r} has no validation windows after the {a.calib_n} calibration ones")
+    val = [{"input_ids": w[None], "attention_mask": torch.ones(1, a.seq_len, dtype=torch.long)} for w in pool]
+    targets = a.targets[0] if a.targets and len(a.targets) == 1 and not a.targets[0].isidentifier() else a.targets
+    with torch.no_grad():
+        r = ranking.rank(model, a.method, options, calib, val, unit=a.unit, targets=targets or "all-linear",
+                         exclude=a.exclude, layer_keep=a.layer_keep)
+    out = ranking.save(r, a.out, title=a.model)
+    print(ranking.to_markdown(r, a.model))
+    print(f"wrote {out / 'sensitivity.md'}, sensitivity.json, sensitivity.png; use it with "
+          f"`structlin compress {a.model} --ranking {out} --keep K --out DIR`")
     return 0
 
 
@@ -224,7 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output directory")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--dry-run", action="store_true", help="list the modules that would be compressed")
+    c.add_argument("--ranking", help="a `structlin sensitivity` output (dir or json): compress its least "
+                   "sensitive units, with its method and options, until the targeted params are within --keep")
     c.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("sensitivity", help="rank blocks/layers by the validation loss change when compressed alone",
+                       description="Compress one block (or layer) of MODEL at a time, measure the loss increase on "
+                                   "validation windows (after the calibration ones), write a ranked table and plot.")
+    s.add_argument("model")
+    s.add_argument("--method", default="ss1", choices=methods.available())
+    s.add_argument("--r", type=int, default=0, help="ss1 reduction factor")
+    s.add_argument("--option", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    s.add_argument("--unit", default="block", choices=["block", "layer"])
+    s.add_argument("--layer-keep", type=float, help="per-layer size (default 1/r for ss1, else 0.5)")
+    s.add_argument("--targets", nargs="+", help="'all-linear' (default), names/suffixes, or one regex")
+    s.add_argument("--exclude", nargs="+")
+    s.add_argument("--calib", default="austen-calib")
+    s.add_argument("--calib-n", type=int, default=16, help="calibration windows (input statistics)")
+    s.add_argument("--val-n", type=int, default=4, help="validation windows (the loss), taken after the calibration ones")
+    s.add_argument("--seq-len", type=int, default=512)
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--out", default="sensitivity", help="output directory")
+    s.set_defaults(func=cmd_sensitivity)
 
     e = sub.add_parser("eval", help="perplexity of a (compressed) causal LM on held-out text")
     e.add_argument("model")
