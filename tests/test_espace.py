@@ -8,7 +8,7 @@ import structlin as sl
 import structlin.methods.espace as es
 from structlin.errors import CalibrationError
 
-from conftest import tiny_llama
+from conftest import batches, tiny_llama
 
 
 def ragged_batches(n=4, vocab=96, seed=1):
@@ -199,3 +199,160 @@ def test_nl_without_loss_is_refused():
     st = es.calibrate(base, cfg, ragged_batches(2), loss_fn=lambda out, b: out.last_hidden_state.pow(2).mean(),
                       progress=False)
     assert all(s.has("nl") for s in st.values())
+
+
+# ------------------------------------------------------------------------------------------- shared P
+
+def test_shared_p_accounting_save_load_and_copies(tmp_path):
+    import copy
+
+    from structlin.modules import set_submodule  # noqa: F401  (the pipeline's own replacement path)
+
+    model = tiny_llama()
+    cal = ragged_batches(n=6, seed=4)
+    cfg = sl.CompressConfig(method="espace", keep=0.5, options={"calibrator": "mse"})
+    rep = sl.compress(model, cfg, calib=cal, progress=False)
+    pre = "model.layers.0."
+    q, k, v = (model.get_submodule(pre + f"self_attn.{n}_proj") for n in "qkv")
+    gate, up = model.get_submodule(pre + "mlp.gate_proj"), model.get_submodule(pre + "mlp.up_proj")
+    assert all(isinstance(m, es.EspaceLinear) for m in (q, k, v, gate, up))
+    assert q.spec.owns_p and not k.spec.owns_p and k.spec.p_owner == pre + "self_attn.q_proj"
+    assert k.P is q.P and v.P is q.P and up.P is gate.P            # one tensor per group
+    assert "P" in q.state_dict() and "P" not in k.state_dict()
+    # exact charge: the group stores L·(K + Σ N) once; the plan equals what is stored and fits the budget
+    L, K = q.spec.rank, q.in_features
+    assert q.num_params() + k.num_params() + v.num_params() == L * (K + q.out_features + k.out_features
+                                                                   + v.out_features)
+    method = sl.methods.get("espace")
+    targets = [r.name for r in rep.rows]
+    stored = {}
+    for name in targets:
+        m = model.get_submodule(name)
+        for t in list(m.parameters()) + ([m.P] if isinstance(m, es.EspaceLinear) else []):
+            stored[t.data_ptr()] = t.numel()
+    assert sum(stored.values()) == rep.kept_params <= rep.budget
+    assert rep.kept_params == sum(method.spec_params(m.spec) if isinstance(m, es.EspaceLinear) else
+                                  m.weight.numel() for m in map(model.get_submodule, targets))
+    # sharing frees budget: per-layer P at the same keep gives the group a smaller (or equal) rank
+    m2 = tiny_llama()
+    sl.compress(m2, sl.CompressConfig(method="espace", keep=0.5, options={"calibrator": "mse", "share": False}),
+                calib=cal, progress=False)
+    assert m2.get_submodule(pre + "self_attn.k_proj").P is not m2.get_submodule(pre + "self_attn.q_proj").P
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ref = model(ids).logits
+        # deepcopy and dtype casts keep one P per group
+        cp = copy.deepcopy(model)
+        assert cp.get_submodule(pre + "self_attn.k_proj").P is cp.get_submodule(pre + "self_attn.q_proj").P
+        torch.testing.assert_close(cp(ids).logits, ref, rtol=0, atol=0)
+        cp.double()
+        assert cp.get_submodule(pre + "self_attn.v_proj").P.dtype == torch.float64
+        sl.save_pretrained(model, tmp_path / "out")
+        loaded = sl.from_pretrained(tmp_path / "out")
+        assert loaded.get_submodule(pre + "mlp.up_proj").P is loaded.get_submodule(pre + "mlp.gate_proj").P
+        assert torch.equal(loaded(ids).logits, ref)
+    # an unlinked shared layer says what to do
+    lone = es.EspaceLinear(k.spec)
+    with pytest.raises(CalibrationError, match="link_shared"):
+        lone(torch.randn(2, K))
+
+
+def test_joint_whitened_beats_separate_whitened_lowrank_at_equal_params():
+    """For every shared group of a tiny model, the joint whitened P (rank L, charged L·(K + Σ N)) has a lower
+    summed output error Σ_j ‖(W_j − Ŵ_j) X‖² than separate whitened low-rank layers with the best split of
+    ranks whose params fit the same budget (Eckart–Young per layer: the discarded whitened σ²)."""
+    import itertools
+
+    model = tiny_llama()
+    cfg = sl.CompressConfig(method="espace", options={"calibrator": "output"})
+    st = es.calibrate(model, cfg, ragged_batches(n=6, seed=5), progress=False)
+    groups = es.input_groups(st)
+    assert len(groups) == 4 and all(len(g) in (2, 3) for g in groups)      # q/k/v and gate/up in 2 blocks
+    for group in groups:
+        s0 = st[group[0]]
+        W = es.group_weights(s0)
+        C = s0.mean("gram")
+        R = torch.linalg.cholesky(C)
+        sig2 = {n: torch.linalg.svdvals(w @ R) ** 2 for n, w in W.items()}
+        K = C.shape[0]
+        for L in (8, 16):
+            P, Bts = es.group_fit(W, L, "output", "signed", s0)
+            torch.testing.assert_close(P.T @ P, torch.eye(L, dtype=P.dtype), rtol=0, atol=1e-10)
+            joint = sum(((w - Bts[n] @ P.T) @ C * (w - Bts[n] @ P.T)).sum().item() for n, w in W.items())
+            # the joint error is the tail of the stacked whitened spectrum (exact optimum for a shared P)
+            tail = (torch.linalg.svdvals(torch.cat(list(W.values())) @ R) ** 2)[L:].sum().item()
+            assert abs(joint - tail) <= 1e-8 * tail
+            budget = L * (K + sum(w.shape[0] for w in W.values()))
+            best = min(sum(sig2[n][r:].sum().item() for r, n in zip(rs, W))
+                       for rs in itertools.product(*[range(min(K, w.shape[0]) + 1) for w in W.values()])
+                       if sum(r * (K + w.shape[0]) for r, w in zip(rs, W.values())) <= budget)
+            assert joint < best
+    # and through the pipeline: auto (with the joint candidates) beats whitened low-rank in summed output error
+    errs = {}
+    for label, c in [("lowrank", sl.CompressConfig(method="lowrank", keep=0.5, options={"variant": "whiten"})),
+                     ("auto", sl.CompressConfig(method="espace", keep=0.5, options={"calibrator": "auto"}))]:
+        m = tiny_llama()
+        rep = sl.compress(m, c, stats=st if label == "auto" else None,
+                          calib=None if label == "auto" else ragged_batches(n=6, seed=5), progress=False)
+        assert rep.kept_params <= rep.budget
+        errs[label] = sum(r.output_error ** 2 * ((st[r.name].mean("gram") @ es.group_weights(st[r.name])[r.name].T)
+                          * es.group_weights(st[r.name])[r.name].T).sum().item() for r in rep.rows)
+    assert errs["auto"] < errs["lowrank"]
+
+
+def test_bf16_export_refits_b_and_statistics_to_numpy():
+    g = torch.Generator().manual_seed(0)
+    spec = es.EspaceSpec(96, 80, True, 64)
+    layer = es.EspaceLinear(spec, dtype=torch.float64)
+    with torch.no_grad():
+        layer.P.copy_(torch.linalg.qr(torch.randn(96, 64, generator=g, dtype=torch.float64))[0])
+        layer.proj_out.weight.copy_(torch.randn(80, 64, generator=g, dtype=torch.float64))
+        layer.proj_out.bias.copy_(torch.randn(80, generator=g, dtype=torch.float64))
+    w_hat = layer.to_dense()
+    exp = layer.export(torch.bfloat16)
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in exp)
+    refit = exp[1].weight.double() @ exp[0].weight.double()
+    naive = layer.proj_out.weight.to(torch.bfloat16).double() @ layer.P.T.to(torch.bfloat16).double()
+    b_only = layer.proj_out.weight.to(torch.bfloat16).double() @ layer.P.T      # rounding of B alone (floor)
+    e_refit, e_naive, e_floor = ((a - w_hat).norm() / w_hat.norm() for a in (refit, naive, b_only))
+    # the naive cast adds P's rounding to B's; the refit removes its in-span part (here L/K = 2/3 of it)
+    assert e_refit < 0.9 * e_naive and e_refit < 1.25 * e_floor
+    x = torch.randn(4, 96, generator=g, dtype=torch.float64)
+    y = exp(x.to(torch.bfloat16)).double()
+    torch.testing.assert_close(y, layer(x), rtol=0.05, atol=0.1)
+    # statistics and eigenvalues for plotting
+    st = es.calibrate(tiny_llama(), sl.CompressConfig(method="espace"), ragged_batches(n=3), progress=False)
+    arr = st["model.layers.0.mlp.down_proj"].to_numpy()
+    import numpy as np
+
+    assert isinstance(arr["gram"], np.ndarray) and arr["gram"].dtype == np.float64
+    assert np.all(np.diff(arr["eig_gram"]) <= 1e-12)
+    np.testing.assert_allclose(np.sort(arr["eig_gram"]), np.linalg.eigvalsh(arr["gram"]), rtol=1e-9, atol=1e-12)
+
+
+def test_training_forms_b_default_and_full_w_parity():
+    from structlin.heal.optim import trainable_parameters
+
+    model = tiny_llama()
+    sl.compress(model, sl.CompressConfig(method="espace", keep=0.5, options={"calibrator": "go"}),
+                calib=batches(n=6, b=2, t=32), progress=False)
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    names = trainable_parameters(model)
+    assert any(n.endswith("proj_out.weight") for n in names) and not any(n.endswith(".P") for n in names)
+    layer = model.get_submodule("model.layers.1.mlp.up_proj")
+    P, bt = layer.P.clone(), layer.proj_out.weight.detach().clone()
+    assert es.set_training_form(model, "W") > 0
+    W = layer.proj_out.parametrizations.weight.original
+    assert W.shape == (layer.out_features, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    # one SGD step on W: the ESPACE update, B moves by (η ∂L/∂B Pᵀ) P = η ∂L/∂B (P orthonormal)
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "original" in n], lr=0.1)
+    model(ids, labels=ids).loss.backward()
+    gW = W.grad.clone()
+    opt.step()
+    assert es.set_training_form(model, "B") > 0
+    torch.testing.assert_close(layer.proj_out.weight.detach(), bt - 0.1 * gW @ P, rtol=1e-5, atol=1e-6)
+    assert torch.equal(layer.P, P)

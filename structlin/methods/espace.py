@@ -27,8 +27,20 @@ Statistics beyond the input Gram need `calibrate(model, cfg, batches)`, whose re
 serves ``mse``, ``go`` and ``output``. (`Espace.collect` is ready for a pipeline that asks the method to
 collect its own statistics.)
 
-Parameter charge: each layer stores its own P, so L·K is charged to every layer, also when q/k/v or
-gate/up read one input and could share a single P.
+Shared P (``share=True``, the default with statistics from `calibrate`/`Espace.collect`): layers that read
+the same input tensor (q/k/v, gate/up) form one group with one P (K × L) and one B_j per member. The budget
+treats a group as one unit of L·(K + Σ N_j) (+ biases) parameters (`Espace.group_candidates`), so P is
+charged once: the group owner's spec has ``owns_p=True`` and stores P, the others (``owns_p=False``) read the
+owner's P (``p_owner``). For a group, ``go``/``go_l2`` use the stacked weight, ``nl``/``nl_l2`` the sum of
+the members' matrices, and ``output`` becomes the *joint whitened* fit: P spans C^-½·(top-L eigenvectors of
+C^½ (Σ_j W_jᵀ W_j) C^½) — the exact minimiser of Σ_j ‖(W_j − Ŵ_j) X‖² with one shared P — and every B_j is
+the least-squares fit B_jᵀ = W_j C P (Pᵀ C P)⁻¹. ``joint_rel`` does the same with each W_j scaled to unit
+‖W_j X‖ (minimises the sum of relative errors). `auto` scores all of these per group on held-out batches by
+Σ_j (relative output error of member j)².
+
+Training forms: by default healing trains B (`proj_out`) with P frozen (a buffer); `set_training_form(model,
+"W")` trains the full (N × K) W instead, computing (x P)(W P)ᵀ (ESPACE parity), and `set_training_form(model,
+"B")` folds it back to B = P-projected W.
 """
 from __future__ import annotations
 
@@ -59,37 +71,62 @@ class EspaceOptions:
                           low=0, high=1_000_000)
     refit: bool = option(True, "auto: refit the winning calibrator on all calibration tokens")
     auto_nl: bool = option(True, "auto: also try nl/nl_l2 (backward passes) when the model has a loss")
+    share: bool = option(True, "layers reading the same input (q/k/v, gate/up) share one P, charged once "
+                         "(needs statistics from espace.calibrate or the pipeline's own collection)")
 
 
 @dataclass(frozen=True)
 class EspaceSpec(Spec):
     rank: int = 1          # L, the projected input dimension
+    p_owner: str = ""      # shared P: name of the group's module that stores P ("" = a private P)
+    owns_p: bool = True    # this layer stores (and is charged for) P
     method = "espace"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EspaceSpec":
+        return super().from_dict({"p_owner": "", "owns_p": True, **d})   # files from before shared P
 
 
 class EspaceLinear(StructuredLinear):
     """y = proj_out(x P): P (K × L) is a frozen buffer (saved with the weights), proj_out an L → N
-    `nn.Linear` whose weight is Bᵀ = W P (N × L) and whose bias is the dense bias.
+    `nn.Linear` whose weight is Bᵀ (N × L) and whose bias is the dense bias.
 
-    num_params() charges P in full (K·L) to this layer, plus N·L (+N bias): L·(K + N) (+N). Layers that
-    read the same input could share one P; this per-layer count charges it to each of them.
+    num_params() charges P (K·L) to the layer that stores it, plus N·L (+N bias). A layer of a shared group
+    with ``owns_p=False`` has no P of its own: it reads the owner's (`link_shared` connects them after
+    `compress` and after loading), so the group stores L·(K + Σ N_j) (+ biases).
     """
 
     spec_class = EspaceSpec
 
     def __init__(self, spec: EspaceSpec, dtype=None, device=None):
         super().__init__(spec)
-        self.register_buffer("P", torch.zeros(spec.in_features, spec.rank, dtype=dtype, device=device))
+        if spec.owns_p:
+            self.register_buffer("P", torch.zeros(spec.in_features, spec.rank, dtype=dtype, device=device))
+        else:       # a plain list: not a submodule (no double state_dict), followed by deepcopy and pickling
+            self.__dict__["_p_link"] = [None]
+            self.__dict__["_p_tmp"] = None      # the group's P until linked (during compress)
         self.proj_out = nn.Linear(spec.rank, spec.out_features, bias=spec.bias, dtype=dtype, device=device)
 
+    def __getattr__(self, name):
+        if name == "P" and "_p_link" in self.__dict__:
+            owner = self.__dict__["_p_link"][0]
+            if owner is not None:
+                return owner.P
+            if self.__dict__.get("_p_tmp") is not None:
+                return self.__dict__["_p_tmp"]
+            raise CalibrationError(f"ESPACE layer shares the P of '{self.spec.p_owner}' but is not linked to it; "
+                                   f"call structlin.methods.espace.link_shared(model)")
+        return super().__getattr__(name)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_out(x @ self.P)
+        return self.proj_out(x @ self.P.to(x.dtype))
 
     def to_dense(self) -> torch.Tensor:
-        return self.proj_out.weight @ self.P.T                       # (N × L)(L × K)
+        w = self.proj_out.weight
+        return w @ self.P.T.to(w)                                    # (N × L)(L × K)
 
     def inner(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.P
+        return x @ self.P.to(x.dtype)
 
     def outer(self, h: torch.Tensor) -> torch.Tensor:
         return self.proj_out(h)
@@ -98,21 +135,103 @@ class EspaceLinear(StructuredLinear):
         return self.proj_out.weight
 
     def num_params(self) -> int:
-        return self.P.numel() + sum(p.numel() for p in self.parameters())
+        return self.spec.owns_p * self.P.numel() + sum(p.numel() for p in self.parameters())
 
     def flops(self, tokens: int = 1) -> int:
         s = self.spec
         return 2 * tokens * s.rank * (s.in_features + s.out_features)
 
-    def export(self) -> nn.Sequential:
-        """Two plain layers any server runs: Linear(K → L, no bias, weight Pᵀ), Linear(L → N, bias)."""
-        s, p = self.spec, self.P
-        down = nn.Linear(s.in_features, s.rank, bias=False, dtype=p.dtype, device=p.device)
-        up = nn.Linear(s.rank, s.out_features, bias=s.bias, dtype=p.dtype, device=p.device)
+    def orthonormality_error(self) -> float:
+        """max |PᵀP − I| of the stored P (in its storage dtype, evaluated in float64)."""
+        P = self.P.detach().double()
+        return (P.T @ P - torch.eye(P.shape[1], dtype=P.dtype, device=P.device)).abs().max().item()
+
+    def export(self, dtype: torch.dtype | None = None) -> nn.Sequential:
+        """Two plain layers any server runs: Linear(K → L, no bias, weight Pᵀ), Linear(L → N, bias).
+
+        With `dtype` (e.g. torch.bfloat16) both are cast. The cast P_c is no longer orthonormal (|P_cᵀP_c − I|
+        ~ 4e-3 in bf16), and re-orthonormalising it by QR does not survive the cast of Q (same error again),
+        so the export compensates instead: B is refitted to the P that is stored, Bᵀ = Ŵ P_c (P_cᵀ P_c)⁻¹ in
+        float64 — the least-squares B for that P (with an exactly orthonormal P it is Ŵ P, the ESPACE B). The
+        pair then reproduces Ŵ up to the rounding of B and the tilt of span(P_c), not the full rounding of P.
+        """
+        s, p = self.spec, self.P.detach()
+        out_dtype = dtype or p.dtype
+        down = nn.Linear(s.in_features, s.rank, bias=False, dtype=out_dtype, device=p.device)
+        up = nn.Linear(s.rank, s.out_features, bias=s.bias, dtype=out_dtype, device=p.device)
         with torch.no_grad():
-            down.weight.copy_(p.T)
-            up.load_state_dict(self.proj_out.state_dict())
+            if dtype is None or dtype == p.dtype:
+                down.weight.copy_(p.T)
+                up.load_state_dict(self.proj_out.state_dict())
+            else:
+                w_hat = self.to_dense().double()
+                pc = p.to(dtype).double()                    # the P that is stored
+                bt = torch.linalg.solve(pc.T @ pc, pc.T @ w_hat.T).T
+                down.weight.copy_(pc.T.to(dtype))
+                up.weight.copy_(bt.to(dtype))
+                if s.bias:
+                    up.bias.copy_(self.proj_out.bias.detach().to(dtype))
         return nn.Sequential(down, up)
+
+
+def link_shared(model: nn.Module) -> int:
+    """Connect every ESPACE layer that shares a P (``owns_p=False``) to its group's owner module in `model`;
+    returns how many were linked. `compress` and `from_pretrained` call it."""
+    n = 0
+    for name, m in model.named_modules():
+        if not isinstance(m, EspaceLinear) or m.spec.owns_p:
+            continue
+        try:
+            owner = model.get_submodule(m.spec.p_owner)
+        except AttributeError:
+            owner = None
+        if not isinstance(owner, EspaceLinear) or not owner.spec.owns_p or owner.P.shape != (m.in_features,
+                                                                                           m.spec.rank):
+            raise CalibrationError(f"ESPACE layer '{name}' shares the P of '{m.spec.p_owner}', which is not an "
+                                   f"ESPACE layer storing a {m.in_features}×{m.spec.rank} P in this model")
+        tmp = m.__dict__.get("_p_tmp")
+        if tmp is not None and not torch.allclose(tmp.double(), owner.P.detach().double(), atol=2e-2):
+            raise CalibrationError(f"ESPACE layer '{name}' was fitted with a different P than '{m.spec.p_owner}'")
+        m.__dict__["_p_link"][0] = owner
+        m.__dict__["_p_tmp"] = None
+        n += 1
+    return n
+
+
+class _FullW(nn.Module):
+    """Parametrisation of proj_out.weight by the full (N × K) W: weight = W P (ESPACE's training form)."""
+
+    def __init__(self, layer: EspaceLinear):
+        super().__init__()
+        self.layer = [layer]        # not a submodule (the layer owns this parametrisation)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w @ self.layer[0].P.to(w.dtype)
+
+    def right_inverse(self, bt: torch.Tensor) -> torch.Tensor:
+        return bt @ self.layer[0].P.T.to(bt.dtype)           # W = Ŵ: the same function, W P = Bᵀ
+
+
+def set_training_form(model: nn.Module, form: str) -> int:
+    """form "W": every ESPACE layer trains the full W (N × K, initialised to Ŵ = Bᵀ Pᵀ) with P frozen, as ESPACE
+    does; "B" (the default form): fold W back into Bᵀ = W P and train B. Returns the number of layers changed.
+    Call it before `heal` (its optimizer picks up the current parameters) and fold back before saving."""
+    from torch.nn.utils import parametrize
+
+    if form not in ("W", "B"):
+        raise ConfigError(f"ESPACE training form must be 'W' (full weight, ESPACE parity) or 'B', got {form!r}")
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, EspaceLinear):
+            continue
+        has = parametrize.is_parametrized(m.proj_out, "weight")
+        if form == "W" and not has:
+            parametrize.register_parametrization(m.proj_out, "weight", _FullW(m), unsafe=True)
+            n += 1
+        elif form == "B" and has:
+            parametrize.remove_parametrizations(m.proj_out, "weight", leave_parametrized=True)
+            n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -125,6 +244,9 @@ class InputMoments:
         self.gram, self.l2, self.tokens = z(), z(), [0, 0]
         self.batch = None          # (Σ x xᵀ, Σ x̂ x̂ᵀ, T) of the current batch, for nl
         self.eig_cache = {}        # weight-independent eigendecompositions (mse, mse_l2), shared by the group
+        self.members: dict[str, nn.Module] = {}   # name -> the (dense) module reading this input
+        self.stats: dict[str, "EspaceStats"] = {}  # name -> its statistics
+        self.group_fits = {}       # shared-P fits of the group, keyed by (rank, calibrator, order, split, weights)
 
     def update(self, rows: torch.Tensor, split: int, keep_batch: bool) -> None:
         x = rows.to(torch.float64)
@@ -213,6 +335,20 @@ class EspaceStats(Stats):
                                    + (" (give at least `holdout` batches, or set holdout=0)" if split == "hold" else ""))
         return s / t
 
+    def to_numpy(self, eigen: bool = True) -> dict:
+        """The statistics as numpy arrays (float64) for plotting: "gram", "l2" (and "nl", "nl_l2" when
+        collected) over all calibration tokens, "tokens", and with `eigen` each matrix's eigenvalues in
+        descending order ("eig_gram", ...)."""
+        out = {"tokens": self.tokens}
+        for kind in ("gram", "l2", "nl", "nl_l2"):
+            if kind in ("nl", "nl_l2") and not self.has(kind):
+                continue
+            m = self.mean(kind)
+            out[kind] = m.cpu().numpy()
+            if eigen:
+                out["eig_" + kind] = torch.linalg.eigvalsh((m + m.T) / 2).flip(0).cpu().numpy()
+        return out
+
     def all_reduce(self) -> None:   # moments are reduced once per group by `calibrate`
         import torch.distributed as dist
 
@@ -294,6 +430,8 @@ def collect(model: nn.Module, modules: dict[str, nn.Module], batches, opts, *, l
                     groups.append(mom)
                     st = EspaceStats(name, in_features, mom, grad)
                 stats[name] = st
+                st.moments.members[name] = module
+                st.moments.stats[name] = st
             if not (shared and st.moments is state["last"].moments):
                 rows = rows_of(x)
                 if not torch.isfinite(rows).all():
@@ -502,6 +640,117 @@ def select(weight, rank, stats, opts) -> tuple[torch.Tensor, torch.Tensor, dict]
     return P, Bt, {"calibrator": cal, "order": order, "heldout_error": scores}
 
 
+# ---------------------------------------------------------------------------------------------- shared P
+
+GROUP_CALIBRATORS = INPUT_CALIBRATORS + ("output", "joint_rel")
+
+
+def input_groups(stats, opts=None) -> list[list[str]]:
+    """Names of the targeted modules that read one input tensor (two or more), in call order, from
+    statistics collected by `calibrate` / `Espace.collect`; [] for other statistics or share=False."""
+    if stats is None or (opts is not None and not getattr(opts, "share", True)):
+        return []
+    seen, out = set(), []
+    for st in stats.values():
+        mom = getattr(st, "moments", None)
+        if not isinstance(st, EspaceStats) or id(mom) in seen:
+            continue
+        seen.add(id(mom))
+        names = [n for n in mom.members if n in stats]
+        if len(names) > 1:
+            out.append(names)
+    return out
+
+
+def group_weights(stats: "EspaceStats") -> dict[str, torch.Tensor]:
+    """name -> float64 weight of every module of `stats`'s input group (the dense modules calibrated)."""
+    from ..modules import dense_weight
+
+    out = {}
+    for n, m in stats.moments.members.items():
+        if isinstance(m, StructuredLinear):
+            raise CalibrationError(f"{n}: shared-P fitting needs the dense weights the statistics were collected "
+                                   f"on, but the module is already compressed; calibrate again")
+        out[n] = dense_weight(m)[0].detach().to(torch.float64)
+    return out
+
+
+def _ls_b(weight: torch.Tensor, P: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Bᵀ = W C P (Pᵀ C P)⁻¹ (N × L): the B minimising ‖(W − Bᵀ Pᵀ) X‖² for a fixed P."""
+    G = P.T @ C @ P
+    G = G + 1e-12 * G.diagonal().mean().clamp_min(1e-300) * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return torch.linalg.solve(G, P.T @ C @ weight.T).T
+
+
+def group_fit(weights: dict[str, torch.Tensor], rank: int, calibrator: str, order: str, stats, split: str = "all"
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(P (K × L), {name: Bᵀ (N_j × L)}) with one P shared by the group `weights` (float64, same K).
+
+    mse/mse_l2: the input calibrators (B_j = W_j P); go/go_l2: the calibrator of the stacked weight;
+    nl/nl_l2: the sum of the members' matrices; output: the joint whitened fit (module docstring) and
+    joint_rel the same on members scaled to unit ‖W_j X‖, both with least-squares B_j."""
+    names = list(weights)
+    where = f"{names[0]} (+{len(names) - 1} sharing its input)"
+    key = (rank, calibrator, order, split, hash(tuple(_weight_key(weights[n]) for n in names)))
+    hit = stats.moments.group_fits.get(key)
+    if hit is not None:
+        return hit
+    if calibrator in ("mse", "mse_l2"):
+        P, _ = fit(weights[names[0]][:1], rank, calibrator, order, stats, split)   # weight-independent P
+        out = P, {n: w @ P for n, w in weights.items()}
+    elif calibrator in ("go", "go_l2", "nl", "nl_l2"):
+        if calibrator in ("nl", "nl_l2"):
+            S = sum(stats.moments.stats[n].mean(calibrator, split) for n in names)
+        else:
+            S = calibrator_matrix(calibrator, torch.cat([weights[n] for n in names]), stats, split)
+        P, _ = top_eigvecs(S, rank, order, where)
+        out = P, {n: w @ P for n, w in weights.items()}
+    elif calibrator in ("output", "joint_rel"):
+        from .lowrank import damped_cholesky
+
+        C = _gram(stats, split).to(weights[names[0]])
+        R = damped_cholesky(C, 1e-10, where)                         # C ≈ R Rᵀ, R lower
+        M = 0
+        for n in names:
+            Y = weights[n] @ R                                       # W_j C^½ up to a rotation
+            if calibrator == "joint_rel":
+                Y = Y / Y.norm().clamp_min(1e-300)
+            M = M + Y.T @ Y
+        V, _ = top_eigvecs(M, rank, "signed", where)                 # top of Rᵀ (Σ W_jᵀ W_j) R
+        P, _ = torch.linalg.qr(torch.linalg.solve_triangular(R.T, V, upper=True))   # span R⁻ᵀ V
+        out = P, {n: _ls_b(w, P, C) for n, w in weights.items()}
+    else:
+        raise ConfigError(f"calibrator {calibrator!r} has no shared-P form; valid: {GROUP_CALIBRATORS}")
+    stats.moments.group_fits[key] = out
+    return out
+
+
+def group_candidates(stats) -> list[tuple[str, str]]:
+    out = [("mse", "signed"), ("mse_l2", "signed"), ("go", "signed"), ("go", "abs"), ("go_l2", "abs"),
+           ("output", "signed"), ("joint_rel", "signed")]
+    if all(st.has("nl") for st in stats.moments.stats.values()):
+        out += [(c, o) for c in ("nl", "nl_l2") for o in ("signed", "abs")]
+    return out
+
+
+def group_score(weights, P, Bts, hold) -> float:
+    """Σ_j (relative held-out output error of member j)²."""
+    return sum(output_error(w, P, Bts[n], hold) ** 2 for n, w in weights.items())
+
+
+def group_select(weights, rank, stats, opts) -> tuple[torch.Tensor, dict, dict]:
+    """auto for a shared group: every group candidate fitted on the fit split, scored on the held-out one."""
+    hold = stats.mean("gram", "hold").to(weights[next(iter(weights))])
+    scores = {}
+    for cal, order in group_candidates(stats):
+        P, Bts = group_fit(weights, rank, cal, order, stats, "fit")
+        scores[f"{cal}/{order}"] = group_score(weights, P, Bts, hold)
+    best = min(scores, key=scores.get)
+    cal, order = best.split("/")
+    P, Bts = group_fit(weights, rank, cal, order, stats, "all" if opts.refit else "fit")
+    return P, Bts, {"calibrator": cal, "order": order, "heldout_error": scores}
+
+
 class Espace(Method):
     name = "espace"
     Options = EspaceOptions
@@ -519,14 +768,47 @@ class Espace(Method):
         return self.rank_ladder(lambda k: EspaceSpec(in_features, out_features, bias, k),
                                 in_features, out_features, bias)
 
+    def input_groups(self, stats, opts) -> list[list[str]]:
+        """Groups of targeted modules that share one P (`compress` allocates each as one unit)."""
+        return input_groups(stats, opts)
+
+    def group_candidates(self, members: dict[str, tuple[int, int, bool]], opts) -> list[dict]:
+        """Sizes of a shared-P group, increasing: {name: spec} per rank L = q, 2q, … (q the tile quantum of
+        K × Σ N_j) while the group's L·(K + Σ N_j) (+ biases) stays below its dense params. The first
+        member stores P."""
+        from ..budget import dense_params, tile_quantum
+
+        names = list(members)
+        k = members[names[0]][0]
+        if any(members[n][0] != k for n in names):
+            raise ConfigError(f"shared-P group {names} mixes input sizes {[members[n][0] for n in names]}")
+        n_sum = sum(members[n][1] for n in names)
+        dense = sum(dense_params(*members[n]) for n in names)
+        q, out, rank = tile_quantum(k, n_sum), [], None
+        rank = q
+        while rank < min(k, n_sum):
+            specs = {n: EspaceSpec(k, members[n][1], members[n][2], rank, p_owner=names[0], owns_p=i == 0)
+                     for i, n in enumerate(names)}
+            if sum(self.spec_params(sp) for sp in specs.values()) >= dense:
+                break
+            out.append(specs)
+            rank += q
+        return out
+
+    def link(self, model) -> None:
+        """After compress / loading: shared-P layers read their owner's P."""
+        link_shared(model)
+
     def spec_params(self, spec):
-        """L·K for P (charged to this layer) + L·N for B + N for the bias."""
-        return spec.rank * (spec.in_features + spec.out_features) + spec.out_features * spec.bias
+        """L·K for P (if this layer stores it) + L·N for B + N for the bias."""
+        return spec.rank * (spec.in_features * spec.owns_p + spec.out_features) + spec.out_features * spec.bias
 
     def spec_flops(self, spec, tokens=1):
         return 2 * tokens * spec.rank * (spec.in_features + spec.out_features)
 
     def project(self, weight, bias, spec, stats, opts, generator):
+        if spec.p_owner:
+            return self._project_shared(weight, bias, spec, stats, opts)
         if opts.calibrator == "auto":
             P, Bt, choice_ = select(weight, spec.rank, stats, opts)
         else:
@@ -539,6 +821,35 @@ class Espace(Method):
             if bias is not None:
                 layer.proj_out.bias.copy_(bias)
         layer.espace_choice = choice_       # what was fitted (not saved; the function is P and B)
+        return layer
+
+
+    def _project_shared(self, weight, bias, spec, stats, opts):
+        """One member of a shared-P group: the group is fitted once (cached on the statistics)."""
+        if not isinstance(stats, EspaceStats) or stats.name not in stats.moments.members:
+            raise CalibrationError(f"ESPACE spec shares the P of '{spec.p_owner}': it needs the group's statistics "
+                                   f"from structlin.methods.espace.calibrate (or the pipeline's collection)")
+        weights = group_weights(stats)
+        weights[stats.name] = weight
+        if opts.calibrator == "auto":
+            key = ("auto", spec.rank, opts.refit, hash(tuple(_weight_key(w) for w in weights.values())))
+            hit = stats.moments.group_fits.get(key)
+            if hit is None:
+                hit = stats.moments.group_fits[key] = group_select(weights, spec.rank, stats, opts)
+            P, Bts, choice_ = hit
+        else:
+            P, Bts = group_fit(weights, spec.rank, opts.calibrator, opts.order, stats)
+            choice_ = {"calibrator": opts.calibrator, "order": opts.order}
+        layer = EspaceLinear(spec, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            if spec.owns_p:
+                layer.P.copy_(P)
+            else:
+                layer.__dict__["_p_tmp"] = P
+            layer.proj_out.weight.copy_(Bts[stats.name])
+            if bias is not None:
+                layer.proj_out.bias.copy_(bias)
+        layer.espace_choice = dict(choice_, group=list(weights))
         return layer
 
 
