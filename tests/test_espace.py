@@ -356,3 +356,59 @@ def test_training_forms_b_default_and_full_w_parity():
     assert es.set_training_form(model, "B") > 0
     torch.testing.assert_close(layer.proj_out.weight.detach(), bt - 0.1 * gW @ P, rtol=1e-5, atol=1e-6)
     assert torch.equal(layer.P, P)
+
+
+def test_sensitivity_mixer_and_reconstruction_curves(tmp_path):
+    from structlin import espace_mixer as mx
+
+    model = tiny_llama()
+    cfg = sl.CompressConfig(method="espace", options={"calibrator": "auto"})
+    st = es.calibrate(model, cfg, batches(n=6, b=2, t=32), progress=False)
+    val = batches(n=2, b=1, t=24, seed=8)
+    cache = tmp_path / "sens.json"
+    table = mx.sensitivity(model, st, val, unit_keep=0.4, calibrators=("mse/signed", "output/signed"),
+                           cache=cache, progress=False)
+    assert len(table["units"]) == 2 * 4 and all(len(e["loss"]) == 2 for e in table["units"].values())
+    # one unit by hand: the loss with only that unit projected
+    first = "model.layers.1.mlp.gate_proj"
+    e = table["units"][first]
+    specs = mx.unit_specs(model, e["members"], 0.4)
+    dense_mods = {n: model.get_submodule(n) for n in e["members"]}
+    for n, layer in mx.project_unit(model, st, specs, "output/signed").items():
+        sl.modules.set_submodule(model, n, layer)
+    with torch.no_grad():
+        losses = [model(**b, labels=b["input_ids"]).loss.item() for b in val]
+    for n, m in dense_mods.items():
+        sl.modules.set_submodule(model, n, m)
+    assert abs(e["loss"]["output/signed"] - sum(losses) / 2) < 1e-5      # equal-length batches
+    # cached: a second call computes nothing
+    t = mx.sensitivity(model, st, val, unit_keep=0.4, calibrators=("mse/signed", "output/signed"), cache=cache,
+                       progress=False)
+    assert t == table
+    targeted = sum(u["dense"] for u in table["units"].values())
+    plan = mx.mixer_plan(table, 0.8, targeted)
+    assert plan["kept"] <= plan["budget"] and plan["units"]
+    deltas = [d for _, _, d in plan["order"]]
+    assert deltas == sorted(deltas)
+    for first, cal in plan["units"].items():
+        losses = table["units"][first]["loss"]
+        assert losses[cal] == min(losses.values())
+    m2 = tiny_llama()
+    mx.apply_plan(m2, st, table, plan)
+    stored = sum(m.num_params() if isinstance(m, es.EspaceLinear) else m.weight.numel()
+                 for n in st for m in [m2.get_submodule(n)])
+    assert stored == plan["kept"]
+    # reconstruction analysis from eigenvalues equals the errors of the fitted projections
+    curves = mx.reconstruction_curves(st, ranks=[8, 16])
+    for first, c in curves.items():
+        s0 = st[first]
+        C = s0.mean("gram")
+        W = es.group_weights(s0)
+        for i, L in enumerate(c["ranks"]):
+            P, _ = es.top_eigvecs(C, L)
+            resid = torch.trace(C - P @ P.T @ C @ P @ P.T) / torch.trace(C)
+            assert abs(resid.item() - c["input_mse"][i]) < 1e-9
+            P, Bts = es.group_fit({n: W[n] for n in c["members"]}, L, "output", "signed", s0)
+            num = sum(((W[n] - Bts[n] @ P.T) @ C * (W[n] - Bts[n] @ P.T)).sum() for n in c["members"])
+            den = sum((W[n] @ C * W[n]).sum() for n in c["members"])
+            assert abs((num / den).item() - c["output"][i]) < 1e-6
