@@ -4,6 +4,9 @@ epilogue, and a plain index-add of columns. Torch references are the CPU path; C
     h (M × (r + k)) = x [R; S_I]ᵀ                  (cuBLAS, by the layer)
     y (M × N)       = h[:, :r] Lᵀ + b,  y[:, I] += h[:, r:]
 
+Decode (M ≤ 16 rows): `decode` does both lines in one persistent launch (split-K GEMV for h into an fp32
+workspace, a grid-wide barrier, then the thin GEMM + index-add reading h from it; deterministic).
+
 `inv` (N, int32) maps an output row n to its position in I, or -1: the epilogue reads h[m, r + inv[n]].
 Both ops are `torch.library` custom ops with fake implementations; they carry no autograd (the layer uses
 them only when no gradient is needed).
@@ -16,6 +19,7 @@ import importlib.util
 import torch
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
+DECODE_MAX_M = 16  # the fused decode kernel's row limit (one 16-row tensor-core tile)
 
 
 def triton_module():
@@ -54,6 +58,21 @@ def lr_add(h: torch.Tensor, left: torch.Tensor, inv: torch.Tensor, bias: torch.T
 @lr_add.register_fake
 def _(h, left, inv, bias):
     return h.new_empty(h.shape[0], left.shape[0])
+
+
+@torch.library.custom_op("structlin::losparse_decode", mutates_args=())
+def decode(x: torch.Tensor, right: torch.Tensor, left: torch.Tensor, inv: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """The whole row-LoSparse layer for M ≤ 16 rows of x: h = x rightᵀ, y = h[:, :r] leftᵀ + b,
+    y[:, n] += h[:, r + inv[n]] (inv[n] ≥ 0). One Triton launch on CUDA (bf16/fp16), torch elsewhere."""
+    if _use_triton(x) and x.shape[0] <= DECODE_MAX_M:
+        return triton_module().decode(x.contiguous(), right.contiguous(), left.contiguous(), inv, bias)
+    return lr_add_ref(torch.nn.functional.linear(x, right), left, inv, bias)
+
+
+@decode.register_fake
+def _(x, right, left, inv, bias):
+    return x.new_empty(x.shape[0], left.shape[0])
 
 
 def index_add_cols(y: torch.Tensor, h: torch.Tensor, index: torch.Tensor, r: int) -> torch.Tensor:

@@ -173,8 +173,14 @@ class LoSparseLinear(StructuredLinear):
         x2 = x.reshape(-1, s.in_features)
         r = s.rank
         if s.direction == "row":
+            fused = self._fused_ok(x2)
+            if fused and x2.shape[0] <= self.decode_max_m and self.right.numel() >= self.decode_min_weights:
+                from ..kernels import losparse as ops
+
+                return ops.decode(x2, self.right, self.left, self._inverse_index(),
+                                  self.bias).reshape(*lead, s.out_features)
             h = F.linear(x2, self._effective(self.right, 0))          # (M, r + k)
-            if self._fused_ok(x2):                                                   # inference on CUDA: cuBLAS + one kernel
+            if fused:                                                   # inference on CUDA: cuBLAS + one kernel
                 from ..kernels import losparse as ops
 
                 y = ops.lr_add(h, self.left, self._inverse_index(), self.bias)
@@ -188,10 +194,16 @@ class LoSparseLinear(StructuredLinear):
             y = F.linear(z, self._effective(self.left, 1), self.bias)
         return y.reshape(*lead, s.out_features)
 
-    #: inference path on CUDA (bf16/fp16): "fused" — h by cuBLAS, then one Triton kernel for the thin GEMM
-    #: with the index-add as its epilogue — or "torch" (cuBLAS + index_add_).
+    #: inference path on CUDA (bf16/fp16): "fused" — for M ≤ `decode_max_m` rows one Triton kernel for the
+    #: whole layer (`kernels.losparse.decode`), above that h by cuBLAS, then one Triton kernel for the thin
+    #: GEMM with the index-add as its epilogue — or "torch" (cuBLAS + index_add_).
     #: Training, CPU, fp32 and masked layers always run "torch".
     path: str = "fused"
+    #: up to this many rows (tokens) the fused path is the single-launch decode kernel (0: never), for layers
+    #: whose [R; S_I] holds at least `decode_min_weights` entries: on the H100 the one launch gained 5–14 % on
+    #: the Llama MLP shapes ((r + k)·K = 8.4M, 9.2M) and lost on 4096² (3.1M), where the two-kernel path stays
+    decode_max_m: int = 16
+    decode_min_weights: int = 6_000_000
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         if self.path != "fused" or not x.is_cuda or self._masked or x.dtype not in (torch.float16, torch.bfloat16):
