@@ -386,3 +386,41 @@ def test_compress_table_share_roundtrip(tmp_path):
     with torch.no_grad():
         assert torch.equal(back(ids).logits, model(ids).logits)
     assert rep.kept_params <= rep.budget
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("K,r,bk", [(45, 2, 16), (37, 5, 8), (200, 4, 32)])
+def test_tied_one_launch_kernels(interpret, dtype, tol, K, r, bk):
+    """The one-shot M = 1 GEMV, the K-looped decode kernel in both forms (CUDA-core and tensor-core), the tiled
+    fused GEMM (M > 16, grouped tiles, N and K tails) and the R = 1 plain GEMM of a precomputed sketch, each
+    against float64 on fresh inputs (outputs start as torch.empty garbage: every element must be written)."""
+    tm = ops.triton_module()
+    N = 23
+    L = layer(K, N, r, "tied", bk=bk)
+    W, b, rot = L.weight.detach().to(dtype), L.bias.detach().to(dtype), L.rot_tied
+    Wv = W.double()[:, L.bucket.long()]
+    g = torch.Generator().manual_seed(K + r)
+    fma, dot = dict(BM=1, BN=8, BC=16, DOT=False, GROUP_M=1), dict(BM=16, BN=16, BC=16, DOT=True, GROUP_M=1)
+    for M, cfg in [(1, fma), (1, dot), (6, None), (40, None), (40, dict(BM=16, BN=8, BC=32, DOT=True, GROUP_M=3))]:
+        x = torch.randn(M, K, generator=g).to(dtype)
+        ref = x.double() @ Wv.T + b.double()
+        assert rel(tm.tied_mm(x, rot, W, b, bk, cfg), ref) <= tol, (M, cfg)
+        if M == 1:
+            for bn in (1, 8, 32):
+                assert rel(tm.tied_gemv1(x, rot, W, b, bk, BN=bn), ref) <= tol, bn
+    u = torch.randn(7, L.spec.buckets, generator=g).to(dtype)
+    zero = torch.zeros(1, dtype=torch.int32)
+    assert rel(tm.tied_mm(u, zero, W, None, bk), u.double() @ W.double().T) <= tol
+    assert rel(tm.tied_gemv1(u[:1], zero, W, None, bk, BN=4), u[:1].double() @ W.double().T) <= tol
+
+
+def test_decode_rule():
+    """The one-shot decode path is offered at M = 1 only (the K-looped kernel loses to sketch + cuBLAS at M = 16
+    on every measured shape), never for training, and never past the one-shot kernel's Kc limit."""
+    up = ss1.SS1Spec(4096, 14336, False, r=4)
+    assert ss1.path_rule(up, 1, True, weight_grad=False, any_grad=False) == "decode"
+    assert ss1.path_rule(up, 16, True, weight_grad=False, any_grad=False) == "sketch"
+    assert ss1.path_rule(up, 1, True, weight_grad=False, any_grad=True) == "sketch"
+    wide = ss1.SS1Spec(2 * ops.GEMV1_MAX_KC * 2, 64, False, r=2)
+    assert ss1.path_rule(wide, 1, True, weight_grad=False, any_grad=False) != "decode"

@@ -207,40 +207,90 @@ def _tied_sketch_t_kernel(g_ptr, rot_ptr, gx_ptr, M, K, KC, sgm, sxm, MB, R: tl.
 
 
 @triton.jit
-def _tied_decode_kernel(x_ptr, rot_ptr, w_ptr, b_ptr, y_ptr, M, N, K, KC, sxm, swn, sym, MB, R: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr,
-                        BK: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        BC: tl.constexpr):
-    """y = sketch(x) W0ᵀ (+ b) in one launch for small M: each program streams BN rows of W0 and rebuilds
-    the (BM × BC) slices of u it needs from x (small, L2-resident) in the A-operand load."""
-    pid_n = tl.program_id(0)
-    rm = tl.arange(0, BM)
+def _tied_mm_kernel(x_ptr, rot_ptr, w_ptr, b_ptr, y_ptr, M, N, K, KC, sxm, swn, sym, MB, R: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KC: tl.constexpr,
+                    BK: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                    DOT: tl.constexpr, GROUP_M: tl.constexpr):
+    """y = sketch(x) W0ᵀ (+ b) in one launch: the (BM × BC) A tile is the fp32 sum of the R rotated x runs
+    (16-byte loads; x is small or L2-resident), W0 streams once in (BN × BC) tiles, fp32 accumulation, no
+    split-K (deterministic). DOT: tensor-core dot (A padded to BM ≥ 16 rows); else BM = 1 and a CUDA-core
+    broadcast-multiply-sum (the GEMV form for M = 1). Tiles are grouped GROUP_M row-blocks at a time."""
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    gsize = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % gsize
+    pid_n = (pid % group) // gsize
+    rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     mm, mn = rm < M, rn < N
     xrow = x_ptr + rm.to(tl.int64)[:, None] * sxm
-    wrow = w_ptr + rn.to(tl.int64)[None, :] * swn
+    wrow = w_ptr + rn.to(tl.int64)[:, None] * swn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, KC, BC):
         rk = k0 + tl.arange(0, BC)
         rk = tl.max_contiguous(tl.multiple_of(rk, BC), BC)
         mk = rk < KC
-        w = tl.load(wrow + rk[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-        a = tl.zeros((BM, BC), dtype=tl.float32)
-        for c in tl.static_range(R):
-            col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
-            if EVEN_K:
-                msk = mm[:, None] & mk[None, :]
-            else:
-                msk = mm[:, None] & (mk & (col < K))[None, :]
-            a += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, w.to(tl.float32), input_precision="ieee")
+        if EVEN_KC:
+            w = tl.load(wrow + rk[None, :], mask=tl.broadcast_to(mn[:, None], (BN, BC)), other=0.0)
         else:
-            acc += tl.dot(a.to(w.dtype), w)
+            w = tl.load(wrow + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        if R == 1 and DOT:   # plain GEMM/GEMV of u: the operand goes straight to the dot (pipelined like W)
+            if EVEN_K and EVEN_KC:
+                a = tl.load(xrow + rk[None, :], mask=tl.broadcast_to(mm[:, None], (BM, BC)), other=0.0)
+            else:
+                a = tl.load(xrow + rk[None, :], mask=mm[:, None] & (mk & (rk < K))[None, :], other=0.0)
+        else:
+            a = tl.zeros((BM, BC), dtype=tl.float32)
+            for c in tl.static_range(R):
+                col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
+                if EVEN_K and EVEN_KC:
+                    msk = tl.broadcast_to(mm[:, None], (BM, BC))
+                else:
+                    msk = mm[:, None] & (mk & (col < K))[None, :]
+                a += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
+        if DOT:
+            if IEEE:
+                acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(a.to(w.dtype), tl.trans(w))
+        else:
+            acc += tl.sum(a[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _tied_gemv1_kernel(x_ptr, rot_ptr, w_ptr, b_ptr, y_ptr, N, K, KC, swn, R: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BK: tl.constexpr, VEC: tl.constexpr,
+                       BN: tl.constexpr, KCP: tl.constexpr):
+    """y[n] = Σ_k u[k] W0[n, k] for one input row, no loop: each program builds the whole sketch u (KCP ≥ Kc
+    columns, fp32, from x in L2) and loads its BN full rows of W0 at once, so every byte it needs is in flight
+    together (memory-level parallelism instead of a pipelined K loop); then one fp32 multiply-reduce."""
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    mn = rn < N
+    rk = tl.max_contiguous(tl.multiple_of(tl.arange(0, KCP), KCP), KCP)
+    mk = rk < KC
+    w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * swn + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+    u = tl.zeros((KCP,), dtype=tl.float32)
+    for c in tl.static_range(R):
+        col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
+        if EVEN_K:
+            msk = mk
+        else:
+            msk = mk & (col < K)
+        u += tl.load(x_ptr + col, mask=msk, other=0.0).to(tl.float32)
+    acc = tl.sum(w.to(tl.float32) * u[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+from .ss1 import GEMV1_MAX_KC  # noqa: E402  (the one-shot kernel holds BN × next_pow2(Kc) weights in registers)
 
 
 def _tied_vec(rot, bk: int) -> int:
@@ -265,7 +315,8 @@ def tied_vec(rot, bk: int) -> int:
 
 # (BM rows, BC u-columns, warps); MB = M rounded up to a power of two is the tuning key (not M itself).
 _SK_CONFIGS = [triton.Config({"BM": bm, "BC": bc}, num_warps=w) for bm, bc, w in
-               [(1, 256, 1), (4, 256, 2), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (16, 512, 8)]]
+               [(1, 256, 1), (4, 256, 2), (16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (16, 512, 8),
+                (64, 256, 8), (32, 512, 8)]]
 
 
 def _quick_bench(fn, quantiles=None):   # autotuning: short runs (the kernels take µs), median
@@ -273,19 +324,56 @@ def _quick_bench(fn, quantiles=None):   # autotuning: short runs (the kernels ta
     return do_bench(fn, warmup=5, rep=15, quantiles=quantiles)
 
 
-def _autotune(configs, key):
+def _autotune(configs, key, prune=None):
+    extra = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
     try:
-        return triton.autotune(configs, key=key, do_bench=_quick_bench)
+        return triton.autotune(configs, key=key, do_bench=_quick_bench, **extra)
     except TypeError:   # older Triton: no do_bench argument
-        return triton.autotune(configs, key=key, warmup=5, rep=15)
+        return triton.autotune(configs, key=key, warmup=5, rep=15, **extra)
 
 
 _tied_sketch_tuned = _autotune(_SK_CONFIGS, ["MB", "KC", "K", "R"])(_tied_sketch_kernel)
 _tied_sketch_t_tuned = _autotune(_SK_CONFIGS, ["MB", "KC", "K", "R"])(_tied_sketch_t_kernel)
-_DEC_CONFIGS = [triton.Config({"BN": bn, "BC": bc}, num_warps=w, num_stages=s) for bn, bc, w, s in
-                [(16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3), (16, 512, 4, 3),
-                 (64, 256, 8, 3)]]
-_tied_decode_tuned = _autotune(_DEC_CONFIGS, ["MB", "N", "KC", "K", "R"])(_tied_decode_kernel)
+def _mm_config(bm, bn, bc, dot, w, s, gm=1):
+    return triton.Config({"BM": bm, "BN": bn, "BC": bc, "DOT": dot, "GROUP_M": gm}, num_warps=w, num_stages=s)
+
+
+# decode (M ≤ 16): one row tile; BN small enough that N / BN fills the SMs without split-K. The CUDA-core form
+# (DOT False, BM = 1) only for M = 1; the tensor-core form pads the rows to 16.
+_DEC_CONFIGS = [_mm_config(*c) for c in
+                [(1, 16, 512, False, 4, 3), (1, 32, 256, False, 4, 3), (1, 32, 512, False, 8, 3),
+                 (1, 64, 256, False, 8, 2),
+                 (16, 16, 256, True, 4, 3), (16, 32, 256, True, 4, 3), (16, 64, 256, True, 4, 3),
+                 (16, 64, 128, True, 4, 4), (16, 128, 128, True, 8, 3)]]
+# M > 16: a tiled GEMM whose A operand is the sketch built from x tiles (one pass over x, no u in memory)
+_FUSED_CONFIGS = [_mm_config(*c, gm=8) for c in
+                  [(128, 256, 64, True, 8, 3), (128, 128, 64, True, 8, 4), (128, 128, 32, True, 4, 4),
+                   (64, 256, 64, True, 8, 3), (256, 128, 64, True, 8, 3)]]
+
+
+def _prune_dec(configs, named_args, **kw):
+    mb = named_args["MB"]
+    return [c for c in configs if c.kwargs["DOT"] or mb == 1] or configs
+
+
+# one-shot M = 1: BN rows × KCP columns per program, 8K or 16K elements (4 or 8 warps)
+_G1_CONFIGS = [triton.Config({"BN": bn}, num_warps=w) for bn, w in
+               [(1, 4), (2, 4), (4, 4), (8, 4), (16, 4), (32, 4), (64, 4), (2, 8), (4, 8), (8, 8), (16, 8), (32, 8),
+                (64, 8), (128, 8)]]
+
+
+G1_PER_THREAD = (32, 64, 128)   # weights per thread the one-shot kernel's configurations may hold
+
+
+def _prune_g1(configs, named_args, **kw):
+    kcp = kw.get("KCP") or named_args.get("KCP")
+    keep = [c for c in configs if c.kwargs["BN"] * kcp // (32 * c.num_warps) in G1_PER_THREAD]
+    return keep or configs[:1]
+
+
+_tied_gemv1_tuned = _autotune(_G1_CONFIGS, ["N", "KC", "K", "R"], _prune_g1)(_tied_gemv1_kernel)
+_tied_decode_tuned = _autotune(_DEC_CONFIGS, ["MB", "N", "KC", "K", "R"], _prune_dec)(_tied_mm_kernel)
+_tied_fused_tuned = _autotune(_FUSED_CONFIGS, ["MB", "N", "KC", "K", "R"])(_tied_mm_kernel)
 
 
 def _mb(M):
@@ -318,19 +406,54 @@ def tied_sketch_t(g, rot, bk, K):
     return _tied_launch(_tied_sketch_t_kernel, _tied_sketch_t_tuned, g, gx, rot, bk, M, K, kc)
 
 
-def tied_decode(x, rot, weight, bias, bk):
-    """y (M × N) = sketch(x) weightᵀ + bias in one launch; M ≤ 16 (one row tile)."""
+def tied_mm(x, rot, weight, bias, bk, config=None, gemv1=True):
+    """y (M × N) = sketch(x) weightᵀ + bias in one launch. M ≤ 16: the decode configurations (one row tile);
+    larger M: the tiled fused GEMM. `config` (a dict of BM, BN, BC, DOT, GROUP_M, num_warps, num_stages)
+    bypasses the autotuner. R = 1 with rot = [0] is a plain GEMV/GEMM of x (already a sketch) with weight.
+    M = 1 on CUDA (Kc ≤ GEMV1_MAX_KC) runs the one-shot GEMV kernel unless gemv1 is False."""
     M, K = x.shape
     N, kc = weight.shape
     R = rot.shape[0]
-    assert M <= 16 and weight.stride(1) == 1
+    assert weight.stride(1) == 1 and x.stride(1) == 1
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     args = (x, rot, weight, bias if bias is not None else weight, y, M, N, K, kc, x.stride(0),
             weight.stride(0), y.stride(0), _mb(M), R)
     meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32 or x.device.type == "cpu",
-                EVEN_K=K == kc * R, BK=bk, VEC=tied_vec(rot, bk), BM=16)
-    if x.is_cuda:
-        _tied_decode_tuned[lambda m: (triton.cdiv(N, m["BN"]),)](*args, **meta)
+                EVEN_K=K == kc * R, BK=bk, VEC=tied_vec(rot, bk))
+    grid = lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),)
+    if M == 1 and config is None and x.is_cuda and kc <= GEMV1_MAX_KC and gemv1:
+        return tied_gemv1(x, rot, weight, bias, bk, out=y)
+    if not x.is_cuda:   # interpreter: small tiles, both forms
+        cfg = dict(BM=1, BN=16, BC=16, DOT=False, GROUP_M=1) if M == 1 else \
+            dict(BM=16, BN=16, BC=16, DOT=True, GROUP_M=2)
+        config = {**cfg, **(config or {})}
+    if config is not None:
+        c = dict(config)
+        _tied_mm_kernel[grid(c)](*args, **meta, EVEN_KC=kc % c["BC"] == 0, **c)
     else:
-        _tied_decode_kernel[(triton.cdiv(N, 16),)](*args, **meta, BN=16, BC=16)
+        tuned = _tied_decode_tuned if M <= 16 else _tied_fused_tuned
+        cfgs = _DEC_CONFIGS if M <= 16 else _FUSED_CONFIGS
+        tuned[grid](*args, **meta, EVEN_KC=all(kc % c.kwargs["BC"] == 0 for c in cfgs))
     return y
+
+
+def tied_gemv1(x, rot, weight, bias, bk, out=None, BN=None):
+    """y (1 × N) = sketch(x) weightᵀ + bias, the one-shot kernel (autotuned on CUDA; BN given: that tile)."""
+    assert x.shape[0] == 1 and weight.stride(1) == 1 and x.stride(1) == 1
+    K, (N, kc), R = x.shape[1], weight.shape, rot.shape[0]
+    y = out if out is not None else torch.empty(1, N, dtype=x.dtype, device=x.device)
+    args = (x, rot, weight, bias if bias is not None else weight, y, N, K, kc, weight.stride(0), R)
+    meta = dict(HAS_BIAS=bias is not None, EVEN_K=K == kc * R, BK=bk, VEC=tied_vec(rot, bk),
+                KCP=triton.next_power_of_2(kc))
+    if BN is None and x.is_cuda:
+        _tied_gemv1_tuned[lambda m: (triton.cdiv(N, m["BN"]),)](*args, **meta)
+    else:
+        BN = BN or 4
+        _tied_gemv1_kernel[(triton.cdiv(N, BN),)](*args, **meta, BN=BN)
+    return y
+
+
+def tied_decode(x, rot, weight, bias, bk):
+    """y (M × N) = sketch(x) weightᵀ + bias in one launch; M ≤ 16 (one row tile)."""
+    assert x.shape[0] <= 16
+    return tied_mm(x, rot, weight, bias, bk)

@@ -171,6 +171,7 @@ ss1_fused.register_autograd(_fused_bwd, setup_context=_fused_ctx)
 # bk (split in two at the rotation), so the Triton kernels load and store 16-byte vectors.
 
 TIED_MAX_R = 16   # the Triton tied kernels unroll the R members; larger r runs the gather-form kernel
+GEMV1_MAX_KC = 8192   # the one-shot M = 1 decode kernel holds BN × next_pow2(Kc) weights in registers
 
 
 def tied_sketch_ref(x, rot, bk: int, kc: int):
@@ -243,9 +244,14 @@ ss1_tied_sketch_t.register_autograd(_tied_sketch_t_bwd, setup_context=_tied_ctx)
 @torch.library.custom_op("structlin::ss1_tied_decode", mutates_args=())
 def ss1_tied_decode(x: torch.Tensor, rot: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     bk: int) -> torch.Tensor:
-    """y = sketch(x) weightᵀ + bias in one launch, for M ≤ 16 (inference: no autograd formula)."""
-    if _use_tied_triton(x, rot) and x.shape[0] <= 16:
-        return triton_module().tied_decode(x, rot, weight, bias, bk)
+    """y = sketch(x) weightᵀ + bias in one launch (inference: no autograd formula). The sketch is summed in
+    the A-operand load; M ≤ 16 runs the GEMV configurations (decode), larger M the tiled fused GEMM."""
+    if _use_tied_triton(x, rot):
+        return triton_module().tied_mm(x, rot, weight, bias, bk)
+    return tied_mm_ref(x, rot, weight, bias, bk)
+
+
+def tied_mm_ref(x, rot, weight, bias, bk: int):
     u = tied_sketch_ref(x, rot, bk, weight.shape[1])
     y = _acc(u) @ _acc(weight).T
     if bias is not None:

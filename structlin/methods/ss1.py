@@ -30,6 +30,9 @@ Execution paths (``SS1Linear.forward``; the one taken is recorded in ``layer.las
 * ``sketch``  tied scheme: the tied sketch kernel (contiguous rotated runs, vectorised) + cuBLAS GEMM of depth
               Kc; backward = the transposed tied sketch + two cuBLAS GEMMs of depth Kc. Training always runs it.
 * ``decode``  tied, inference, M ≤ 16 on CUDA: one Triton launch, the sketch folded into the A-operand load.
+              M = 1 runs a one-shot GEMV (each program builds the whole sketch of x from L2 and loads its rows
+              of W0 at once: weight streaming at ~3 TB/s); 2 ≤ M ≤ 16 a K-looped kernel with 16 padded rows
+              (slower than sketch + cuBLAS at M = 16, so the rule offers `decode` at M = 1 only).
 * ``dense``   inference (no gradient wanted for weight/bias) where SS1 would be slower than dense: a cuBLAS GEMM
               with the merged weight W = W0 Sᵀ (N × K), materialised once per (device, dtype) and rebuilt
               when weight/bucket/scale change (keyed on their `_version` and storage). Costs N·K extra memory
@@ -277,12 +280,13 @@ class SS1Linear(StructuredLinear):
 
 PATHS = ("sketch", "decode", "dense", "gather", "fused")
 
-# Roofline cost model (ms) fitted to the H100 bf16 run of benchmarks/ss1_layer.py (CUDA-graph GPU times, see
-# docs/benchmarks/NOTES.md): effective cuBLAS rate and operand bandwidth, the tied sketch kernel's bandwidth,
-# a fixed cost per launch, and for the one-launch decode kernel a term per input column (each program walks
-# all of Kc serially, rebuilding u from x: it wins when N is large and K small). Only ratios matter.
+# Roofline cost model (ms) fitted to the H100 bf16 runs of benchmarks/ss1_layer.py and benchmarks/ss1_probe.py
+# (CUDA-graph GPU times, one call per replay, see docs/benchmarks/NOTES.md): effective cuBLAS rate and operand
+# bandwidth, the tied sketch kernel's bandwidth, a fixed cost per launch, and for the one-shot M = 1 decode
+# kernel (fused sketch + GEMV) its weight-streaming bandwidth, fixed cost, and a term per r·K (each program
+# rebuilds the whole sketch of x from L2 in its critical path). Only ratios matter.
 COST = dict(flops=700e12, gemm_bw=2.2e12, launch=6.3e-3, sketch_bw=2.7e12, sketch_launch=2.8e-3,
-            decode_bw=2.3e12, decode_launch=6.5e-3, decode_per_k=1e-6)
+            decode_bw=3.05e12, decode_launch=7.0e-3, decode_per_rk=1.67e-8)
 
 
 def cost_ms(path: str, M: int, K: int, N: int, kc: int, c=COST) -> float:
@@ -292,8 +296,9 @@ def cost_ms(path: str, M: int, K: int, N: int, kc: int, c=COST) -> float:
         return gemm(K)
     if path == "sketch":
         return gemm(kc) + 2 * (M * K + M * kc) / c["sketch_bw"] * 1e3 + c["sketch_launch"]
-    if path == "decode":
-        return 2 * (N * kc + M * K + M * N) / c["decode_bw"] * 1e3 + c["decode_launch"] + c["decode_per_k"] * K
+    if path == "decode" and M == 1:
+        r = -(-K // kc)
+        return 2 * N * kc / c["decode_bw"] * 1e3 + c["decode_launch"] + c["decode_per_rk"] * r * K
     return float("inf")
 
 
@@ -306,7 +311,8 @@ def path_rule(spec: SS1Spec, M: int, cuda: bool, weight_grad: bool, any_grad: bo
     if own != "sketch":
         return "dense"
     K, N, kc = spec.in_features, spec.out_features, spec.buckets
-    cands = ["sketch", "dense"] + (["decode"] if M <= 16 and not any_grad else [])
+    decode = M == 1 and not any_grad and kc <= K_ops.GEMV1_MAX_KC
+    cands = ["sketch", "dense"] + (["decode"] if decode else [])
     return min(cands, key=lambda p: cost_ms(p, M, K, N, kc))
 
 
