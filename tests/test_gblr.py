@@ -260,12 +260,56 @@ def test_kernel_matches_float64_reference(interpret, K, N, s, T, C):
     torch.testing.assert_close(L.tiles_forward(x, use_triton=False), ref, atol=1e-10, rtol=1e-10)
     L32 = L.float()
     for cfg in (None, {"BM": 16, "BN": 16, "BK": 16}):
-        y = L32.tiles_forward(x.float(), use_triton=True, configs=(cfg, cfg))
+        y = L32.tiles_forward(x.float(), use_triton=True, configs=(cfg, cfg), fused=False)
         assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
     # fp16 (bf16 is checked on the GPU: this Triton interpreter's bf16 tl.dot returns garbage even for a
     # bare 16×16 product)
+    yh = L.to(torch.float16).tiles_forward(x.to(torch.float16), use_triton=True, fused=False)
+    assert ((yh.double() - ref).norm() / ref.norm()) < 5e-3
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("K,N,s,T,C", [(72, 40, 48, 16, 4), (96, 128, 16, 32, 6)])
+def test_fused_kernel_matches_float64_reference(interpret, K, N, s, T, C):
+    """The one-launch kernel (stage-2 jobs wait on per-row-block counters of stage 1): TMA descriptors and
+    pointer loads, fused and two launches, BM2 = 2·BM1, partial row block and partial last input tile; the
+    counters are back at zero after every launch (graph replays rely on it)."""
+    L = random_exported(K, N, s, T, C, seed=K + N + 1).float()
+    x = torch.randn(37, K, dtype=f64)
+    ref = x @ L.to_dense().double().T + L.bias.detach().double()
+    for cfg in ({"BM1": 16, "BN1": 16, "BM2": 32, "BN2": 16, "BK": 16, "TMA": True, "G": 2},
+                {"BM1": 16, "BN1": 16, "BM2": 16, "BN2": 16, "BK": 16, "TMA": False, "FUSED": False}):
+        for _ in range(2):
+            y = L.tiles_forward(x.float(), use_triton=True, config=cfg)
+            assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+    assert all(int(v[2].abs().sum()) == 0 for v in L._kcache.values())
     yh = L.to(torch.float16).tiles_forward(x.to(torch.float16), use_triton=True)
     assert ((yh.double() - ref).norm() / ref.norm()) < 5e-3
+
+
+@pytest.mark.triton_interpret
+def test_persistent_kernel_matches_float64_reference(interpret):
+    """The persistent one-stage kernel (flattened loop over a program's jobs; long stage-1 jobs split in two,
+    the second half starting from the first's fp32 partial), with an output tile no component covers (bias
+    only), TMA and pointer loads; the split flags are back at zero after every launch."""
+    spec = G.GBLRSpec(160, 96, True, components=3, rank=16, budget=16 * 16 * (8 + 2 + 3 + 1 + 1 + 1), tile=16,
+                      boxes=((2, 8, 0, 2), (9, 3, 4, 1), (0, 1, 5, 1)))      # output tiles 2 and 3 uncovered
+    L = G.GBLRLinear(spec, dtype=f64)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in L.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=f64))
+    L = L.float()
+    x = torch.randn(37, 160, dtype=f64)
+    ref = x @ L.to_dense().double().T + L.bias.detach().double()
+    for tma, split in ((True, 0.3), (False, 0.0)):
+        s1 = {"BM": 16, "BN": 16, "BK": 16, "TMA": tma, "G": 2, "SPLIT_AT": split}
+        cfg = {"kernel": "persistent", "s1": s1, "s2": {**s1, "BM": 32}}
+        for _ in range(2):
+            y = L.tiles_forward(x.float(), use_triton=True, config=cfg)
+            assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+    slots = [v[1] for v in L._kcache.values()]
+    assert max(slots) > 0 and all(int(v[3].abs().sum()) == 0 for v in L._kcache.values())
 
 
 def test_tiles_reference_is_differentiable():

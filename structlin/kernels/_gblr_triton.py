@@ -77,6 +77,14 @@ def _pow2_at_most(n: int, cap: int) -> int:
     return p
 
 
+def _pow2_dividing(n: int, cap: int) -> int:
+    """The largest power of two ≤ cap that divides n (n a multiple of 16)."""
+    p = 16
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
 def default_config(M: int, depth: int, width: int) -> dict:
     """Tile sizes: BK the largest power of two ≤ 64 dividing depth, BN ≤ 128 covering the block width,
     BM 128 (64 for small M)."""
@@ -113,5 +121,538 @@ def chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias=None, config=None, 
         W=W, DEPTH=depth, HAS_BIAS=bias is not None, AFFINE_A=affine_width > 0, EVEN_M=M % BM == 0,
         EVEN_K=KA % depth == 0,  # tables only address whole depth-chunks inside ceil(KA/depth)·depth
         IEEE=a.dtype == torch.float32, BM=BM, BN=BN, BK=BK,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+# ----------------------------------------------------------------------------- the fused two-stage kernel
+#
+# One launch computes both stages of an exported layer. Its programs take a ticket (an atomic counter, so a
+# program's logical index follows the order in which programs actually started): the first n1 tickets are
+# stage-1 jobs (row block m, component b, column block of s) and the rest stage-2 jobs (row block, output
+# tile, column block). A stage-1 job writes its h tile and bumps the counter of its row block (release); a
+# stage-2 job spins (acquire) until the counters of its row blocks show every component done. Jobs only wait
+# on jobs with smaller tickets, which have all started, so this cannot deadlock, and the tail of stage 1
+# (components have very different input boxes: up to 1.6× imbalance per wave) is filled by stage-2 jobs of
+# earlier row blocks instead of idling. The last stage-2 job to pass its wait resets the counters for the
+# next launch (CUDA-graph replays included). Under the interpreter the programs run in order, so every wait
+# is already satisfied. Job orders are host-computed tables (groups of row blocks, longest jobs first).
+
+
+@triton.jit
+def _stage1_acc(x_ptr, x_desc, w1_ptr, w1_desc, ptr1, acol1, brow1, b, off_m, off_n, M, K, KP, sxm, sw1,
+                T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_M: tl.constexpr,
+                EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, IEEE: tl.constexpr):
+    start = tl.load(ptr1 + b)
+    end = tl.load(ptr1 + b + 1)
+    NK: tl.constexpr = T // BK
+    steps = (end - start) * NK
+    a0 = tl.load(acol1 + start)
+    b0 = tl.load(brow1 + start)
+    rm = off_m + tl.arange(0, BM)
+    cn = off_n + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(0, steps):
+        col0 = a0 + it * BK
+        col0 = tl.where(col0 >= KP, col0 - KP, col0)
+        col0 = tl.multiple_of(col0, 16)
+        brow = tl.multiple_of(b0 + it * BK, 16)
+        if USE_TMA:
+            av = x_desc.load([off_m, col0])
+            bv = w1_desc.load([brow, off_n])
+        else:
+            cols = col0 + rk
+            if EVEN_M and EVEN_K:
+                av = tl.load(x_ptr + rm[:, None] * sxm + cols[None, :])
+            else:
+                av = tl.load(x_ptr + rm[:, None] * sxm + cols[None, :],
+                             mask=(rm < M)[:, None] & (cols < K)[None, :], other=0.0)
+            bv = tl.load(w1_ptr + (brow + rk)[:, None] * sw1 + cn[None, :])
+        if IEEE:
+            acc += tl.dot(av, bv, input_precision="ieee")
+        else:
+            acc += tl.dot(av, bv)
+    return acc
+
+
+@triton.jit
+def _stage2_acc(h_ptr, w2_ptr, w2_desc, ptr2, acol2, brow2, j, off_m, off_n, M, shm, sw2,
+                S: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_M: tl.constexpr,
+                USE_TMA: tl.constexpr, IEEE: tl.constexpr):
+    start = tl.load(ptr2 + j)
+    end = tl.load(ptr2 + j + 1)
+    NK: tl.constexpr = S // BK
+    steps = (end - start) * NK
+    b0 = tl.load(brow2 + start, mask=end > start, other=0)
+    rm = off_m + tl.arange(0, BM)
+    cn = off_n + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for it in range(0, steps):
+        col0 = tl.load(acol2 + start + it // NK) + (it % NK) * BK
+        col0 = tl.multiple_of(col0, 16)
+        brow = tl.multiple_of(b0 + it * BK, 16)
+        cols = col0 + rk
+        # h was written by other programs of this launch: read it past L1 (.cg)
+        if EVEN_M:
+            av = tl.load(h_ptr + rm[:, None] * shm + cols[None, :], cache_modifier=".cg")
+        else:
+            av = tl.load(h_ptr + rm[:, None] * shm + cols[None, :], mask=(rm < M)[:, None], other=0.0,
+                         cache_modifier=".cg")
+        if USE_TMA:
+            bv = w2_desc.load([brow, off_n])
+        else:
+            bv = tl.load(w2_ptr + (brow + rk)[:, None] * sw2 + cn[None, :])
+        if IEEE:
+            acc += tl.dot(av, bv, input_precision="ieee")
+        else:
+            acc += tl.dot(av, bv)
+    return acc
+
+
+@triton.jit
+def _gblr_fused_kernel(x_ptr, x_desc, w1_ptr, w1_desc, h_ptr, w2_ptr, w2_desc, bias_ptr, y_ptr,
+                       ptr1, acol1, brow1, ptr2, acol2, brow2, order1, order2, sync_ptr,
+                       M, K, KP, N, n1, n2, nm1, pid_base, NB1, NSUB1, NB2, NSUB2, sxm, sw1, shm, sw2, sym,
+                       T: tl.constexpr, S: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_M: tl.constexpr,
+                       EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, FUSED: tl.constexpr, IEEE: tl.constexpr,
+                       BM1: tl.constexpr, BN1: tl.constexpr, BM2: tl.constexpr, BN2: tl.constexpr,
+                       BK: tl.constexpr):
+    if FUSED:
+        vid = tl.atomic_add(sync_ptr, 1)
+    else:
+        vid = tl.program_id(0) + pid_base
+    # (names differ between the two branches: Triton merges same-named values of both branches of an if)
+    if vid < n1:
+        code1 = tl.load(order1 + vid)
+        sub1 = code1 % NSUB1
+        b1 = (code1 // NSUB1) % NB1
+        mb1 = code1 // (NSUB1 * NB1)
+        acc1 = _stage1_acc(x_ptr, x_desc, w1_ptr, w1_desc, ptr1, acol1, brow1, b1, mb1 * BM1, sub1 * BN1, M, K,
+                           KP, sxm, sw1, T, BM1, BN1, BK, EVEN_M, EVEN_K, USE_TMA, IEEE)
+        rm1 = mb1 * BM1 + tl.arange(0, BM1)
+        hc1 = b1 * S + sub1 * BN1 + tl.arange(0, BN1)
+        if EVEN_M:
+            tl.store(h_ptr + rm1[:, None] * shm + hc1[None, :], acc1.to(h_ptr.dtype.element_ty))
+        else:
+            tl.store(h_ptr + rm1[:, None] * shm + hc1[None, :], acc1.to(h_ptr.dtype.element_ty),
+                     mask=(rm1 < M)[:, None])
+        if FUSED:
+            tl.debug_barrier()          # every thread's h stores precede the release below
+            tl.atomic_add(sync_ptr + 2 + mb1, 1, sem="release")
+    else:
+        code2 = tl.load(order2 + (vid - n1))
+        sub2 = code2 % NSUB2
+        j2 = (code2 // NSUB2) % NB2
+        mb2 = code2 // (NSUB2 * NB2)
+        if FUSED:
+            R: tl.constexpr = BM2 // BM1
+            need = NB1 * NSUB1
+            for r in tl.static_range(R):
+                mr = mb2 * R + r
+                if mr < nm1:
+                    c = tl.atomic_add(sync_ptr + 2 + mr, 0, sem="acquire")
+                    while c < need:
+                        c = tl.atomic_add(sync_ptr + 2 + mr, 0, sem="acquire")
+            tl.debug_barrier()
+            done = tl.atomic_add(sync_ptr + 1, 1)
+            if done == n2 - 1:          # every job has passed its wait: reset for the next launch
+                tl.store(sync_ptr, 0)
+                tl.store(sync_ptr + 1, 0)
+                for i in range(0, nm1, 256):
+                    ri = i + tl.arange(0, 256)
+                    tl.store(sync_ptr + 2 + ri, tl.zeros((256,), dtype=tl.int32), mask=ri < nm1)
+        acc2 = _stage2_acc(h_ptr, w2_ptr, w2_desc, ptr2, acol2, brow2, j2, mb2 * BM2, sub2 * BN2, M, shm, sw2,
+                           S, BM2, BN2, BK, EVEN_M, USE_TMA, IEEE)
+        oc2 = j2 * T + sub2 * BN2 + tl.arange(0, BN2)
+        rm2 = mb2 * BM2 + tl.arange(0, BM2)
+        ok2 = oc2 < N
+        if HAS_BIAS:
+            acc2 += tl.load(bias_ptr + oc2, mask=ok2, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm2[:, None] * sym + oc2[None, :], acc2.to(y_ptr.dtype.element_ty),
+                 mask=(rm2 < M)[:, None] & ok2[None, :])
+
+
+def fused_default_config(M: int, tile: int, rank: int) -> dict:
+    """Tiles of the fused kernel: stage 1 BM1 × BN1 (BN1 ≤ rank), stage 2 BM2 × BN2 (BN2 ≤ tile), common BK.
+    128 × 128 everywhere with TMA, 3 stages, 8 warps was the fastest or within 4% of it on the three Llama-7B
+    shapes on the H100 (docs/benchmarks/gblr_layer.md): 106 registers and 98 KB of shared memory, so two
+    programs share an SM and hide each other's pipeline fill and epilogue (the 128 × 256 tiles, one program
+    per SM, lost on 4096² and gate/up)."""
+    bk = 64
+    while bk > 16 and (tile % bk or rank % bk):
+        bk //= 2
+    bm = 128 if M > 64 else (64 if M > 16 else 16)
+    return {"BM1": bm, "BN1": _pow2_dividing(rank, 128), "BM2": bm, "BN2": _pow2_dividing(tile, 128), "BK": bk,
+            "num_warps": 8 if bm >= 128 else 4, "num_stages": 3, "TMA": True, "FUSED": True, "G": 8}
+
+
+def job_orders(nm: int, lengths, nsub: int, group: int) -> torch.Tensor:
+    """Job codes ((m·NB + b)·nsub + sub) in launch order: row blocks in groups of `group`, and inside a group
+    the longest blocks (by `lengths`) first, so that the last wave holds the short jobs."""
+    nb = len(lengths)
+    codes = []
+    for g0 in range(0, nm, max(1, group)):
+        jobs = [(-int(lengths[b]), m, b, s) for m in range(g0, min(nm, g0 + max(1, group)))
+                for b in range(nb) for s in range(nsub)]
+        jobs.sort()
+        codes += [(m * nb + b) * nsub + s for _, m, b, s in jobs]
+    return torch.tensor(codes, dtype=torch.int32)
+
+
+def _tma_ok(*ts) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides (else the pointer loads are used)."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in ts)
+
+
+def _desc(t, block):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t, block)
+
+
+def gblr_forward(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int, bias=None, config=None,
+                 cache: dict | None = None):
+    """Both stages of an exported layer (see the block comment above). `tabs`: ptr1/acol1/brow1 (stage 1,
+    entries = input tiles of each component, consecutive rows of w_in) and ptr2/acol2/brow2 (stage 2, entries
+    = components covering each output tile). `cache` (a dict kept by the caller) holds the job orders and
+    the counters per (M, tiles) so a CUDA graph can capture the call."""
+    M, K = x.shape
+    T, S = tile, rank
+    nb1 = tabs["ptr1"].numel() - 1
+    nb2 = tabs["ptr2"].numel() - 1
+    HC = nb1 * S
+    if (config or {}).get("kernel") == "persistent":   # two persistent launches (one per stage)
+        h = chunk_gemm_persistent(x, w_in, tabs["ptr1"], tabs["acol1"], tabs["brow1"], T, HC, None,
+                                  config.get("s1"), triton.cdiv(K, T) * T, cache)
+        return chunk_gemm_persistent(h, w_out, tabs["ptr2"], tabs["acol2"], tabs["brow2"], S, n_out, bias,
+                                     config.get("s2"), 0, cache)
+    cfg = dict(fused_default_config(M, T, S))
+    cfg.update(config or {})
+    BM1, BN1, BM2, BN2, BK = cfg["BM1"], cfg["BN1"], cfg["BM2"], cfg["BN2"], cfg["BK"]
+    if S % BN1 or T % BN2 or T % BK or S % BK or BM2 % BM1:
+        raise ValueError(f"gblr_forward: tiles {cfg} do not divide tile {T} / rank {S} (or BM1 ∤ BM2)")
+    x = x.contiguous()
+    y = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    h = torch.empty(M, HC, dtype=x.dtype, device=x.device)
+    nm1, nm2 = triton.cdiv(M, BM1), triton.cdiv(M, BM2)
+    nsub1, nsub2 = S // BN1, T // BN2
+    key = (M, BM1, BN1, BM2, BN2, cfg["G"], x.device)
+    ent = None if cache is None else cache.get(key)
+    if ent is None:
+        p1, p2 = tabs["ptr1"].cpu(), tabs["ptr2"].cpu()
+        o1 = job_orders(nm1, (p1[1:] - p1[:-1]).tolist(), nsub1, cfg["G"])
+        o2 = job_orders(nm2, (p2[1:] - p2[:-1]).tolist(), nsub2, max(1, cfg["G"] * BM1 // BM2))
+        ent = (o1.to(x.device), o2.to(x.device), torch.zeros(2 + nm1, dtype=torch.int32, device=x.device))
+        if cache is not None:
+            cache[key] = ent
+    o1, o2, sync = ent
+    n1, n2 = o1.numel(), o2.numel()
+    tma = bool(cfg["TMA"]) and _tma_ok(x, w_in, w_out)
+    if tma:
+        xd, w1d, w2d = _desc(x, [BM1, BK]), _desc(w_in, [BK, BN1]), _desc(w_out, [BK, BN2])
+    else:
+        xd = w1d = w2d = None
+    args = dict(T=T, S=S, HAS_BIAS=bias is not None, EVEN_M=M % BM2 == 0 and M % BM1 == 0, EVEN_K=K % T == 0,
+                USE_TMA=tma, IEEE=x.dtype == torch.float32, BM1=BM1, BN1=BN1, BM2=BM2, BN2=BN2, BK=BK,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = (x, xd, w_in, w1d, h, w_out, w2d, bias if bias is not None else y, y,
+              tabs["ptr1"], tabs["acol1"], tabs["brow1"], tabs["ptr2"], tabs["acol2"], tabs["brow2"], o1, o2, sync,
+              M, K, triton.cdiv(K, T) * T, n_out, n1, n2, nm1)
+    strides = (nb1, nsub1, nb2, nsub2, x.stride(0), w_in.stride(0), h.stride(0), w_out.stride(0), y.stride(0))
+    if cfg["FUSED"]:
+        _gblr_fused_kernel[(n1 + n2,)](*common, 0, *strides, FUSED=True, **args)
+    else:
+        _gblr_fused_kernel[(n1,)](*common, 0, *strides, FUSED=False, **args)
+        _gblr_fused_kernel[(n2,)](*common, n1, *strides, FUSED=False, **args)
+    return y
+
+
+# ----------------------------------------------------------------------------- persistent one-stage kernel
+#
+# The same chunk-list GEMM as `_chunk_gemm_kernel`, but with one program per SM walking a host-made list of
+# jobs (row block, output block, column block) in ONE flattened loop over all the k-steps of all its jobs:
+# Triton's software pipeliner then keeps loading across job boundaries (the next job's first tiles are in
+# flight while the current one finishes), and a job's epilogue (the store) is the only bubble. The jobs of a
+# block are short (stage 1: an input box of a few to ~90 tiles; stage 2: the components covering one
+# output tile), so per-job prologues cost 10-20% in the one-program-per-job form. The list is made by
+# simulating greedy list scheduling (row blocks in groups, longest jobs first inside a group) onto the
+# programs, so work is balanced and programs running at the same time share row blocks of A (L2 reuse).
+
+
+@triton.jit
+def _tile_step(a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, start, a0, b0, k, off_m, off_n, M, KA, KP, sam, sbr,
+               NK: tl.constexpr, AFFINE_A: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+               USE_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """The (BM × BK) tile of A and (BK × BN) tile of Bt of k-step k of a block's entries."""
+    if AFFINE_A:
+        col0 = a0 + k * BK
+        col0 = tl.where(col0 >= KP, col0 - KP, col0)
+    else:
+        col0 = tl.load(acol_ptr + start + k // NK) + (k % NK) * BK
+    col0 = tl.multiple_of(col0, 16)
+    brow = tl.multiple_of(b0 + k * BK, 16)
+    if USE_TMA:
+        av = a_desc.load([off_m, col0])
+        bv = bt_desc.load([brow, off_n])
+    else:
+        rm = off_m + tl.arange(0, BM)
+        cols = col0 + tl.arange(0, BK)
+        if EVEN_M and EVEN_K:
+            av = tl.load(a_ptr + rm[:, None] * sam + cols[None, :])
+        else:
+            av = tl.load(a_ptr + rm[:, None] * sam + cols[None, :],
+                         mask=(rm < M)[:, None] & (cols < KA)[None, :], other=0.0)
+        bv = tl.load(bt_ptr + (brow + tl.arange(0, BK))[:, None] * sbr + (off_n + tl.arange(0, BN))[None, :])
+    return av, bv
+
+
+@triton.jit
+def _store_tile(acc, bias_ptr, out_ptr, off_m, oc0, M, OUT_COLS, som, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr):
+    rm = off_m + tl.arange(0, BM)
+    oc = oc0 + tl.arange(0, BN)
+    ok = oc < OUT_COLS
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + oc, mask=ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * som + oc[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm < M)[:, None] & ok[None, :])
+
+
+@triton.jit
+def _chunk_persistent_kernel(a_ptr, a_desc, bt_ptr, bt_desc, ptr_ptr, acol_ptr, brow_ptr, bias_ptr, out_ptr,
+                             jobs_ptr, jk0_ptr, jn_ptr, jslot_ptr, jptr_ptr, optr_ptr, nsteps_ptr, ws_ptr,
+                             flag_ptr, M, KA, KP, OUT_COLS, NB, NSUB, sam, sbr, som,
+                             W: tl.constexpr, DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             AFFINE_A: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
+                             USE_TMA: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
+                             BN: tl.constexpr, BK: tl.constexpr):
+    """Program p walks jobs[jptr[p]:optr[p]] in one flattened loop (nsteps[p] k-steps in all); a job is
+    (code = (m·NB + b)·NSUB + sub, first k-step jk0, k-steps jn, slot jslot). SPLIT: a job with slot ≥ 0 in
+    that loop is the first part of a split block, which stores its fp32 partial in ws[slot] and raises
+    flag[slot]; jobs[optr[p]:jptr[p+1]] are the owners of the second parts, run after the loop: each waits
+    for its partial (writers never wait, and all programs are resident, so this cannot deadlock), starts
+    from it, adds its own k-steps and stores the tile, then lowers the flag for the next launch."""
+    pid = tl.program_id(0)
+    jj = tl.load(jptr_ptr + pid)
+    total = tl.load(nsteps_ptr + pid)
+    NK: tl.constexpr = DEPTH // BK
+    code = tl.load(jobs_ptr + jj)
+    sub = code % NSUB
+    b = (code // NSUB) % NB
+    m = code // (NSUB * NB)
+    k0 = tl.load(jk0_ptr + jj)
+    steps = tl.load(jn_ptr + jj)
+    slot = tl.load(jslot_ptr + jj)
+    start = tl.load(ptr_ptr + b)
+    a0 = tl.load(acol_ptr + start)
+    b0 = tl.load(brow_ptr + start)
+    it = 0
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _t in range(0, total):
+        if it == steps:                      # the previous job is done: next job of this program
+            jj += 1
+            code = tl.load(jobs_ptr + jj)
+            sub = code % NSUB
+            b = (code // NSUB) % NB
+            m = code // (NSUB * NB)
+            k0 = tl.load(jk0_ptr + jj)
+            steps = tl.load(jn_ptr + jj)
+            slot = tl.load(jslot_ptr + jj)
+            start = tl.load(ptr_ptr + b)
+            a0 = tl.load(acol_ptr + start)
+            b0 = tl.load(brow_ptr + start)
+            it = 0
+        av, bv = _tile_step(a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, start, a0, b0, k0 + it, m * BM, sub * BN, M,
+                            KA, KP, sam, sbr, NK, AFFINE_A, EVEN_M, EVEN_K, USE_TMA, BM, BN, BK)
+        if IEEE:
+            acc += tl.dot(av, bv, input_precision="ieee")
+        else:
+            acc += tl.dot(av, bv)
+        it += 1
+        if it == steps:                      # epilogue of this job
+            if SPLIT:
+                if slot >= 0:
+                    wp = ws_ptr + slot * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+                    tl.store(wp, acc)
+                    tl.debug_barrier()       # every thread's partial precedes the release
+                    tl.atomic_xchg(flag_ptr + slot, 1, sem="release")
+                else:
+                    _store_tile(acc, bias_ptr, out_ptr, m * BM, b * W + sub * BN, M, OUT_COLS, som, HAS_BIAS, BM, BN)
+            else:
+                _store_tile(acc, bias_ptr, out_ptr, m * BM, b * W + sub * BN, M, OUT_COLS, som, HAS_BIAS, BM, BN)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SPLIT:
+        o0 = tl.load(optr_ptr + pid)
+        o1 = tl.load(jptr_ptr + pid + 1)
+        for jo in range(o0, o1):
+            ocode = tl.load(jobs_ptr + jo)
+            osub = ocode % NSUB
+            ob = (ocode // NSUB) % NB
+            om = ocode // (NSUB * NB)
+            ok0 = tl.load(jk0_ptr + jo)
+            on = tl.load(jn_ptr + jo)
+            oslot = tl.load(jslot_ptr + jo)
+            ostart = tl.load(ptr_ptr + ob)
+            oa0 = tl.load(acol_ptr + ostart)
+            ob0 = tl.load(brow_ptr + ostart)
+            # wait for the first half's partial and start from it (adding it at the end would hold two
+            # accumulators in registers); the writer ran in some program's main loop, so it is usually done
+            f = tl.atomic_add(flag_ptr + oslot, 0, sem="acquire")
+            while f == 0:
+                f = tl.atomic_add(flag_ptr + oslot, 0, sem="acquire")
+            tl.debug_barrier()
+            wp2 = ws_ptr + oslot * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+            oacc = tl.load(wp2, cache_modifier=".cg")
+            for kk in range(0, on):
+                av2, bv2 = _tile_step(a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, ostart, oa0, ob0, ok0 + kk, om * BM,
+                                      osub * BN, M, KA, KP, sam, sbr, NK, AFFINE_A, EVEN_M, EVEN_K, USE_TMA, BM, BN,
+                                      BK)
+                if IEEE:
+                    oacc += tl.dot(av2, bv2, input_precision="ieee")
+                else:
+                    oacc += tl.dot(av2, bv2)
+            _store_tile(oacc, bias_ptr, out_ptr, om * BM, ob * W + osub * BN, M, OUT_COLS, som, HAS_BIAS, BM, BN)
+            tl.debug_barrier()
+            tl.atomic_xchg(flag_ptr + oslot, 0)
+
+
+def persistent_schedule(nm: int, block_steps, nsub: int, group: int, programs: int, split: float = 0.0):
+    """Job lists of the persistent kernel. Jobs (m, b, sub) with block_steps[b] > 0 k-steps each, ordered by
+    row-block groups and longest first inside a group, are assigned by simulated greedy list scheduling (each
+    job to the program that frees up first; a k-step costs 1, a job's epilogue 1). split > 0: a job longer
+    than split × the mean load per program is cut in two halves: the first half is scheduled like a job (its
+    fp32 partial goes to a workspace slot), the second (the owner, which adds the partial and stores) runs
+    after the program's loop, on the least-loaded program of index ≥ the writer's (so the interpreter,
+    which runs programs in order, never waits). Returns a dict of int32 tensors (jobs, jk0, jn,
+    jslot, jptr, optr, nsteps), the slot count and the simulated makespan / mean load."""
+    import heapq
+
+    nb = len(block_steps)
+    order = []
+    g = max(1, group)
+    for g0 in range(0, nm, g):
+        jobs = [(-int(block_steps[b]), m, b, s) for m in range(g0, min(nm, g0 + g)) for b in range(nb)
+                for s in range(nsub) if block_steps[b] > 0]
+        jobs.sort()
+        order += [((m * nb + b) * nsub + s, -st) for st, m, b, s in jobs]
+    if not order:
+        e = torch.zeros(0, dtype=torch.int32)
+        return {"jobs": e, "jk0": e, "jn": e, "jslot": e, "jptr": e, "optr": e, "nsteps": e}, 0, 1.0
+    P = max(1, min(programs, len(order)))
+    mean = sum(st + 1 for _, st in order) / P
+    load = [0.0] * P
+    lists = [[] for _ in range(P)]
+    owners = [[] for _ in range(P)]
+    nslots = 0
+    heap = [(0.0, p) for p in range(P)]
+    # pieces in order (groups of row blocks kept; longest first inside a group); an owner goes to the
+    # least-loaded program of index >= its writer's (the interpreter runs programs in index order)
+    for code, st in order:
+        if split > 0 and st >= 4 and st > split * mean:
+            n1 = st // 2
+            t, p = heapq.heappop(heap)
+            lists[p].append([code, 0, n1, nslots])
+            load[p] = t + n1 + 1.0
+            heapq.heappush(heap, (load[p], p))
+            q = min(range(p, P), key=lambda r: load[r])
+            owners[q].append([code, n1, st - n1, nslots])
+            load[q] += st - n1 + 2.0
+            heap = [(load[r], r) for r in range(P)]
+            heapq.heapify(heap)
+            nslots += 1
+        else:
+            t, p = heapq.heappop(heap)
+            lists[p].append([code, 0, st, -1])
+            load[p] = t + st + 1.0
+            heapq.heappush(heap, (load[p], p))
+    jobs, jk0, jn, jslot, jptr, optr, nsteps = [], [], [], [], [0], [], []
+    for p in range(P):
+        for code, k0, n, slot in lists[p]:
+            jobs.append(code), jk0.append(k0), jn.append(n), jslot.append(slot)
+        optr.append(len(jobs))
+        for code, k0, n, slot in owners[p]:
+            jobs.append(code), jk0.append(k0), jn.append(n), jslot.append(slot)
+        jptr.append(len(jobs))
+        nsteps.append(sum(x[2] for x in lists[p]))
+    for v in (jobs, jk0, jn, jslot):             # one spare entry: a load of "the next job" past a
+        v.append(v[-1])                          # program's last stays in bounds
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)
+    tabs = {"jobs": i32(jobs), "jk0": i32(jk0), "jn": i32(jn), "jslot": i32(jslot), "jptr": i32(jptr),
+            "optr": i32(optr), "nsteps": i32(nsteps)}
+    ratio = max(load) / (sum(load) / len(load))
+    return tabs, nslots, ratio
+
+
+def chunk_gemm_persistent(a, bt, ptr, acol, brow, depth, out_cols, bias=None, config=None, affine_width=0,
+                          cache=None, programs=None):
+    """`chunk_gemm` with the persistent kernel. `cache` (a dict) keeps the job lists per (M, tiles)."""
+    M, KA = a.shape
+    W = bt.shape[1]
+    nb = ptr.numel() - 1
+    cfg = dict(default_config(M, depth, W))
+    cfg.update({"G": "auto", "TMA": False, "CTAS": 1})
+    cfg.update(config or {})
+    BM, BN, BK = cfg["BM"], min(cfg["BN"], W), cfg["BK"]
+    if depth % BK or W % BN:
+        raise ValueError(f"chunk_gemm_persistent: BK={BK} must divide depth {depth} and BN={BN} width {W}")
+    a = a.contiguous()
+    out = torch.empty(M, out_cols, dtype=a.dtype, device=a.device)
+    if M == 0 or out_cols == 0:
+        return out
+    nm, nsub = triton.cdiv(M, BM), W // BN
+    if programs is None:
+        programs = (torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4) \
+            * cfg["CTAS"]
+    split_ok = cfg["CTAS"] == 1 and cfg.get("SPLIT", True)
+    key = ("persistent", M, BM, BN, BK, cfg["G"], programs, split_ok, a.device, ptr.data_ptr())
+    ent = None if cache is None else cache.get(key)
+    if ent is None:
+        p = ptr.cpu()
+        counts = (p[1:] - p[:-1]).tolist()
+        steps = [c * (depth // BK) for c in counts]
+        if cfg["G"] == "auto":     # the best simulated balance among groups whose rows of A fit in ~24 MB of L2
+            cap = max(1, (24 << 20) // max(1, BM * KA * a.element_size()))
+            groups = sorted({g for g in (2, 4, 8, 16, 32, nm) if g <= max(2, cap)})
+        else:
+            groups = [cfg["G"]]
+        # splitting long jobs (needs every program resident at once: one program per SM)
+        splits = (0.0, 1.0, 0.75, 0.5, 0.35, 0.25) if split_ok else (0.0,)
+        if split_ok and "SPLIT_AT" in cfg:      # forced (tests)
+            splits = (cfg["SPLIT_AT"],)
+        best = None
+        for g in groups:
+            for sp in splits:
+                r = persistent_schedule(nm, steps, nsub, g, programs, sp)
+                if best is None or r[2] < best[2] * (0.98 if sp and not best[1] else 1.0):  # split if clearly better
+                    best = r
+        tabs, nslots, ratio = best
+        tabs = {k: v.to(a.device) for k, v in tabs.items()}
+        ws = torch.empty(max(1, nslots) * BM * BN, dtype=torch.float32, device=a.device)
+        flags = torch.zeros(max(1, nslots), dtype=torch.int32, device=a.device)
+        empty = [bb for bb, c in enumerate(counts) if c == 0]
+        cols = (torch.tensor(empty)[:, None] * W + torch.arange(W)).reshape(-1) if empty else None
+        if cols is not None:
+            cols = cols[cols < out_cols].to(a.device)
+        ent = (tabs, nslots, ws, flags, cols, ratio)
+        if cache is not None:
+            cache[key] = ent
+    tabs, nslots, ws, flags, cols, _ = ent
+    if cols is not None and cols.numel():      # output blocks no entry covers: bias (or zero)
+        out[:, cols] = (bias[cols].to(out.dtype) if bias is not None else torch.zeros((), dtype=out.dtype,
+                                                                                      device=out.device))
+    if tabs["nsteps"].numel() == 0:
+        return out
+    tma = bool(cfg["TMA"]) and _tma_ok(a, bt)
+    ad = _desc(a, [BM, BK]) if tma else None
+    bd = _desc(bt, [BK, BN]) if tma else None
+    _chunk_persistent_kernel[(tabs["nsteps"].numel(),)](
+        a, ad, bt, bd, ptr, acol, brow, bias if bias is not None else out, out, tabs["jobs"], tabs["jk0"],
+        tabs["jn"], tabs["jslot"], tabs["jptr"], tabs["optr"], tabs["nsteps"], ws, flags,
+        M, KA, affine_width or KA, out_cols, nb, nsub, a.stride(0), bt.stride(0), out.stride(0),
+        W=W, DEPTH=depth, HAS_BIAS=bias is not None, AFFINE_A=affine_width > 0, EVEN_M=M % BM == 0,
+        EVEN_K=KA % depth == 0, USE_TMA=tma, IEEE=a.dtype == torch.float32, SPLIT=nslots > 0, BM=BM, BN=BN, BK=BK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out

@@ -14,6 +14,11 @@ cost follows the number of entries, i.e. the snapped structure.
   (D = tile), Bt = the packed input factor (Σ_k n_in,k·tile × s).
 * stage 2 (output side): A = h (M × C·s), W = tile, block b = output tile, entries = the components whose
   output box covers the tile (D = s), Bt = the packed output factor, tile-major (s·Σ_k n_out,k × tile).
+
+On CUDA the exported layer runs both stages in one launch (`gblr_forward`, the fused kernel in
+`_gblr_triton`): stage-2 jobs of a row block wait on counters of that row block's stage-1 jobs, so the
+stage-1 tail (components with long input boxes) is filled by stage-2 work; `chunk_gemm` is the one-stage
+building block (and the CPU / torch reference path).
 """
 from __future__ import annotations
 
@@ -87,3 +92,17 @@ def chunk_gemm(a: torch.Tensor, bt: torch.Tensor, ptr: torch.Tensor, acol: torch
     if use_triton:
         return triton_module().chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias, config, affine_width)
     return chunk_gemm_ref(a, bt, ptr, acol, brow, depth, out_cols, bias, blk)
+
+
+def fused_supported(dtype: torch.dtype, tile: int, rank: int) -> bool:
+    """Whether the fused two-stage kernel runs a layer: Triton, fp16/bf16/fp32, tile and rank multiples of 16."""
+    return HAVE_TRITON and dtype in (torch.float16, torch.bfloat16, torch.float32) and tile % 16 == 0 \
+        and rank % 16 == 0
+
+
+def gblr_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tabs: dict, tile: int, rank: int,
+                 n_out: int, bias: torch.Tensor | None = None, config: dict | None = None,
+                 cache: dict | None = None) -> torch.Tensor:
+    """Both stages of an exported layer in one Triton launch (CUDA, or CPU under TRITON_INTERPRET=1); the
+    same function as two `chunk_gemm` calls (h rounded to x's dtype in between)."""
+    return triton_module().gblr_forward(x, w_in, w_out, tabs, tile, rank, n_out, bias, config, cache)

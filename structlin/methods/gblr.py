@@ -239,6 +239,7 @@ class GBLRLinear(StructuredLinear):
         self.force_path: str | None = None
         self.last_path: str | None = None
         self._merged: dict = {}
+        self._kcache: dict = {}               # fused kernel: job orders and counters per (M, tiles, device)
         self.bias = nn.Parameter(torch.zeros(N, dtype=dtype, device=device)) if spec.bias else None
         meta = torch.device(device).type == "meta" if device is not None else False
         if spec.tile == 0:
@@ -336,9 +337,20 @@ class GBLRLinear(StructuredLinear):
                 y = self.tiles_forward(x2)
         return y.reshape(*lead, s.out_features)
 
-    def tiles_forward(self, x2: torch.Tensor, use_triton: bool | None = None, configs=(None, None)) -> torch.Tensor:
+    def tiles_forward(self, x2: torch.Tensor, use_triton: bool | None = None, configs=(None, None),
+                      config: dict | None = None, fused: bool | None = None) -> torch.Tensor:
+        """The tile form. Triton (CUDA by default; `use_triton=True` forces it, also under the interpreter):
+        the fused two-stage kernel (`config` = its tiles) unless `fused=False`, which runs two `chunk_gemm`
+        launches (`configs` = their tiles); otherwise the torch reference."""
         s = self.spec
         C = s.components
+        if use_triton is None:
+            use_triton = x2.is_cuda and K_ops.triton_supported(x2, s.tile, s.rank) and \
+                K_ops.triton_supported(x2, s.rank, s.tile)
+        if use_triton and fused is not False and K_ops.fused_supported(x2.dtype, s.tile, s.rank):
+            tabs = {n: getattr(self, n) for n in ("ptr1", "acol1", "brow1", "ptr2", "acol2", "brow2")}
+            return K_ops.gblr_forward(x2, self.w_in, self.w_out, tabs, s.tile, s.rank, s.out_features,
+                                      self.bias, config, self._kcache)
         h = K_ops.chunk_gemm(x2, self.w_in, self.ptr1, self.acol1, self.brow1, s.tile, C * s.rank,
                              use_triton=use_triton, config=configs[0], affine_width=s.tiles_in * s.tile)
         return K_ops.chunk_gemm(h, self.w_out, self.ptr2, self.acol2, self.brow2, s.rank, s.out_features,
@@ -405,10 +417,10 @@ class GBLRLinear(StructuredLinear):
                 f"rank={s.rank}, budget={s.budget}, form={form}, bias={s.bias}")
 
 
-# Dispatch constants of the exported form on CUDA, from the H100 run in docs/benchmarks/gblr_layer.md: at
-# M <= 512 the two launches and the small grids lose to cuBLAS in every measured variant (0.5-0.85x at 40%
-# FLOPs), at M >= 4096 the tiles win (1.23-1.81x); the crossover between was not measured, so dense below 2048.
-# The tile kernels run at 0.47-0.55 of cuBLAS's rate, so above half the dense FLOPs dense is faster.
+# Dispatch constants of the exported form on CUDA, from the H100 runs in docs/benchmarks/gblr_layer.md: at
+# M <= 512 the launch and the small grids lose to cuBLAS in every measured variant (0.53-0.88x at 40% FLOPs),
+# at M = 2048 the tiles win (1.13-1.51x), at 4096 1.36-1.64x. The tile kernels run at 0.55-0.66 of cuBLAS's
+# rate, so above half the dense FLOPs dense is faster.
 PATH_MIN_TOKENS = 2048
 PATH_MAX_FRACTION = 0.5
 

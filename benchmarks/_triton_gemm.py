@@ -1,0 +1,43 @@
+"""A plain Triton GEMM (pointer loads or TMA descriptors), the calibration baseline of gblr_layer.py."""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a_ptr, b_ptr, c_ptr, a_desc, b_desc, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        TMA: tl.constexpr, GROUP: tl.constexpr):
+    pid = tl.program_id(0)
+    nm, nn = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    per = GROUP * nn
+    g = pid // per
+    first = g * GROUP
+    gs = min(nm - first, GROUP)
+    pm = first + (pid % per) % gs
+    pn = (pid % per) // gs
+    rm = pm * BM + tl.arange(0, BM)
+    rn = pn * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, K, BK):
+        if TMA:
+            a = a_desc.load([pm * BM, k])
+            b = b_desc.load([k, pn * BN])
+        else:
+            a = tl.load(a_ptr + rm[:, None] * K + (k + rk)[None, :])
+            b = tl.load(b_ptr + (k + rk)[:, None] * N + rn[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty))
+
+
+def matmul(a, b, BM, BN, BK, num_warps, num_stages, tma):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    ad = TensorDescriptor.from_tensor(a, [BM, BK]) if tma else None
+    bd = TensorDescriptor.from_tensor(b, [BK, BN]) if tma else None
+    _mm[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](a, b, c, ad, bd, M, N, K, BM=BM, BN=BN, BK=BK, TMA=tma,
+                                                     GROUP=8, num_warps=num_warps, num_stages=num_stages)
+    return c
