@@ -373,13 +373,21 @@ def gblr_forward(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int, b
 # ----------------------------------------------------------------------------- persistent one-stage kernel
 #
 # The same chunk-list GEMM as `_chunk_gemm_kernel`, but with one program per SM walking a host-made list of
-# jobs (row block, output block, column block) in ONE flattened loop over all the k-steps of all its jobs:
-# Triton's software pipeliner then keeps loading across job boundaries (the next job's first tiles are in
-# flight while the current one finishes), and a job's epilogue (the store) is the only bubble. The jobs of a
-# block are short (stage 1: an input box of a few to ~90 tiles; stage 2: the components covering one
-# output tile), so per-job prologues cost 10-20% in the one-program-per-job form. The list is made by
-# simulating greedy list scheduling (row blocks in groups, longest jobs first inside a group) onto the
-# programs, so work is balanced and programs running at the same time share row blocks of A (L2 reuse).
+# jobs (row block, output block, column block) in ONE flattened loop over all the k-steps of all its jobs, so
+# that Triton's software pipeliner keeps loading across job boundaries and a job's epilogue (the store) is
+# the only bubble. The list is made by simulating greedy list scheduling (row blocks in groups, longest jobs
+# first inside a group) onto the programs, so work is balanced and programs running at the same time share
+# row blocks of A (L2 reuse).
+#
+# The loop carries no job state: step t of a program reads its job from a per-step table (job[t]) and the
+# job's fields (row/column offsets, box addresses, first and last step) from a job table, all computed on
+# the host. A first version carried the job index from step to step and reloaded the job's fields inside an
+# `if` at each switch; Triton then did not pipeline the loop at all (each step waited for its own TMA loads;
+# measured 25% slower than the one-launch grid, docs/benchmarks/NOTES.md), and making those loads
+# unconditional crashed its pipeliner. This form is pipelined (checked in the TTGIR for sm_90); it has not
+# been timed on the GPU yet.
+
+JOB_FIELDS = 10     # off_m, out column, B column, a0, b0, start, k0, first step, last step, slot
 
 
 @triton.jit
@@ -422,99 +430,94 @@ def _store_tile(acc, bias_ptr, out_ptr, off_m, oc0, M, OUT_COLS, som, HAS_BIAS: 
 
 
 @triton.jit
-def _chunk_persistent_kernel(a_ptr, a_desc, bt_ptr, bt_desc, ptr_ptr, acol_ptr, brow_ptr, bias_ptr, out_ptr,
-                             jobs_ptr, jk0_ptr, jn_ptr, jslot_ptr, jptr_ptr, optr_ptr, nsteps_ptr, ws_ptr,
-                             flag_ptr, M, KA, KP, OUT_COLS, NB, NSUB, sam, sbr, som,
-                             W: tl.constexpr, DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             AFFINE_A: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr,
-                             USE_TMA: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
-                             BN: tl.constexpr, BK: tl.constexpr):
-    """Program p walks jobs[jptr[p]:optr[p]] in one flattened loop (nsteps[p] k-steps in all); a job is
-    (code = (m·NB + b)·NSUB + sub, first k-step jk0, k-steps jn, slot jslot). SPLIT: a job with slot ≥ 0 in
-    that loop is the first part of a split block, which stores its fp32 partial in ws[slot] and raises
-    flag[slot]; jobs[optr[p]:jptr[p+1]] are the owners of the second parts, run after the loop: each waits
-    for its partial (writers never wait, and all programs are resident, so this cannot deadlock), starts
-    from it, adds its own k-steps and stores the tile, then lowers the flag for the next launch."""
-    pid = tl.program_id(0)
-    jj = tl.load(jptr_ptr + pid)
-    total = tl.load(nsteps_ptr + pid)
-    NK: tl.constexpr = DEPTH // BK
-    code = tl.load(jobs_ptr + jj)
-    sub = code % NSUB
-    b = (code // NSUB) % NB
-    m = code // (NSUB * NB)
-    k0 = tl.load(jk0_ptr + jj)
-    steps = tl.load(jn_ptr + jj)
-    slot = tl.load(jslot_ptr + jj)
-    start = tl.load(ptr_ptr + b)
-    a0 = tl.load(acol_ptr + start)
-    b0 = tl.load(brow_ptr + start)
-    it = 0
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for _t in range(0, total):
-        if it == steps:                      # the previous job is done: next job of this program
-            jj += 1
-            code = tl.load(jobs_ptr + jj)
-            sub = code % NSUB
-            b = (code // NSUB) % NB
-            m = code // (NSUB * NB)
-            k0 = tl.load(jk0_ptr + jj)
-            steps = tl.load(jn_ptr + jj)
-            slot = tl.load(jslot_ptr + jj)
-            start = tl.load(ptr_ptr + b)
-            a0 = tl.load(acol_ptr + start)
-            b0 = tl.load(brow_ptr + start)
-            it = 0
-        av, bv = _tile_step(a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, start, a0, b0, k0 + it, m * BM, sub * BN, M,
+def _job_acc(acc, row, a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, M, KA, KP, sam, sbr, NK: tl.constexpr,
+             AFFINE_A: tl.constexpr, EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+             IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """acc + all k-steps of the job in table row `row` (its own loop: the split halves)."""
+    off_m = tl.load(row)
+    off_n = tl.load(row + 2)
+    a0 = tl.load(row + 3)
+    b0 = tl.load(row + 4)
+    start = tl.load(row + 5)
+    k0 = tl.load(row + 6)
+    nk = tl.load(row + 8) - tl.load(row + 7) + 1
+    for kk in range(0, nk):
+        av, bv = _tile_step(a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, start, a0, b0, k0 + kk, off_m, off_n, M,
                             KA, KP, sam, sbr, NK, AFFINE_A, EVEN_M, EVEN_K, USE_TMA, BM, BN, BK)
         if IEEE:
             acc += tl.dot(av, bv, input_precision="ieee")
         else:
             acc += tl.dot(av, bv)
-        it += 1
-        if it == steps:                      # epilogue of this job
-            if SPLIT:
-                if slot >= 0:
-                    wp = ws_ptr + slot * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-                    tl.store(wp, acc)
-                    tl.debug_barrier()       # every thread's partial precedes the release
-                    tl.atomic_xchg(flag_ptr + slot, 1, sem="release")
-                else:
-                    _store_tile(acc, bias_ptr, out_ptr, m * BM, b * W + sub * BN, M, OUT_COLS, som, HAS_BIAS, BM, BN)
-            else:
-                _store_tile(acc, bias_ptr, out_ptr, m * BM, b * W + sub * BN, M, OUT_COLS, som, HAS_BIAS, BM, BN)
+    return acc
+
+
+@triton.jit
+def _chunk_persistent_kernel(a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, bias_ptr, out_ptr,
+                             jtab_ptr, sjob_ptr, sptr_ptr, wlist_ptr, wptr_ptr, olist_ptr, optr_ptr, ws_ptr,
+                             flag_ptr, M, KA, KP, OUT_COLS, sam, sbr, som,
+                             DEPTH: tl.constexpr, HAS_BIAS: tl.constexpr, AFFINE_A: tl.constexpr,
+                             EVEN_M: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
+                             IEEE: tl.constexpr, SPLIT: tl.constexpr, NF: tl.constexpr, BM: tl.constexpr,
+                             BN: tl.constexpr, BK: tl.constexpr):
+    """Program p runs the flattened steps sptr[p] .. sptr[p+1]-1; step t belongs to job sjob[t], whose row of
+    jtab holds (off_m, out column, B column, a0, b0, start, k0, first step, last step, slot). SPLIT: before
+    that loop, the program runs its jobs wlist[wptr[p]:wptr[p+1]], the first halves of split blocks, each
+    storing its fp32 partial in ws[slot] and raising flag[slot]; after it, the owners of the second halves
+    olist[optr[p]:optr[p+1]]: each waits for its partial (writers never wait, and all programs are resident,
+    so this cannot deadlock), starts from it, adds its own k-steps, stores the tile and lowers the flag for
+    the next launch. The split halves run outside the flattened loop: an atomic in its epilogue stops Triton
+    from pipelining it."""
+    pid = tl.program_id(0)
+    NK: tl.constexpr = DEPTH // BK
+    if SPLIT:
+        for jw in range(tl.load(wptr_ptr + pid), tl.load(wptr_ptr + pid + 1)):
+            wrow = jtab_ptr + tl.load(wlist_ptr + jw) * NF
+            wacc = _job_acc(tl.zeros((BM, BN), dtype=tl.float32), wrow, a_ptr, a_desc, bt_ptr, bt_desc,
+                            acol_ptr, M, KA, KP, sam, sbr, NK, AFFINE_A, EVEN_M, EVEN_K, USE_TMA, IEEE, BM, BN,
+                            BK)
+            wslot = tl.load(wrow + 9)
+            wp = ws_ptr + wslot * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+            tl.store(wp, wacc)
+            tl.debug_barrier()               # every thread's partial precedes the release
+            tl.atomic_xchg(flag_ptr + wslot, 1, sem="release")
+    s0 = tl.load(sptr_ptr + pid)
+    s1 = tl.load(sptr_ptr + pid + 1)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for t in range(s0, s1):
+        row = jtab_ptr + tl.load(sjob_ptr + t) * NF
+        off_m = tl.load(row)
+        oc0 = tl.load(row + 1)
+        off_n = tl.load(row + 2)
+        a0 = tl.load(row + 3)
+        b0 = tl.load(row + 4)
+        start = tl.load(row + 5)
+        k0 = tl.load(row + 6)
+        first = tl.load(row + 7)
+        last = tl.load(row + 8)
+        av, bv = _tile_step(a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, start, a0, b0, k0 + (t - first), off_m,
+                            off_n, M, KA, KP, sam, sbr, NK, AFFINE_A, EVEN_M, EVEN_K, USE_TMA, BM, BN, BK)
+        if IEEE:
+            acc += tl.dot(av, bv, input_precision="ieee")
+        else:
+            acc += tl.dot(av, bv)
+        if t == last:                         # epilogue of this job
+            _store_tile(acc, bias_ptr, out_ptr, off_m, oc0, M, OUT_COLS, som, HAS_BIAS, BM, BN)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
     if SPLIT:
-        o0 = tl.load(optr_ptr + pid)
-        o1 = tl.load(jptr_ptr + pid + 1)
-        for jo in range(o0, o1):
-            ocode = tl.load(jobs_ptr + jo)
-            osub = ocode % NSUB
-            ob = (ocode // NSUB) % NB
-            om = ocode // (NSUB * NB)
-            ok0 = tl.load(jk0_ptr + jo)
-            on = tl.load(jn_ptr + jo)
-            oslot = tl.load(jslot_ptr + jo)
-            ostart = tl.load(ptr_ptr + ob)
-            oa0 = tl.load(acol_ptr + ostart)
-            ob0 = tl.load(brow_ptr + ostart)
+        for jo in range(tl.load(optr_ptr + pid), tl.load(optr_ptr + pid + 1)):
+            orow = jtab_ptr + tl.load(olist_ptr + jo) * NF
+            oslot = tl.load(orow + 9)
             # wait for the first half's partial and start from it (adding it at the end would hold two
-            # accumulators in registers); the writer ran in some program's main loop, so it is usually done
+            # accumulators in registers); the writers ran first, so it is usually there
             f = tl.atomic_add(flag_ptr + oslot, 0, sem="acquire")
             while f == 0:
                 f = tl.atomic_add(flag_ptr + oslot, 0, sem="acquire")
             tl.debug_barrier()
             wp2 = ws_ptr + oslot * (BM * BN) + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
-            oacc = tl.load(wp2, cache_modifier=".cg")
-            for kk in range(0, on):
-                av2, bv2 = _tile_step(a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr, ostart, oa0, ob0, ok0 + kk, om * BM,
-                                      osub * BN, M, KA, KP, sam, sbr, NK, AFFINE_A, EVEN_M, EVEN_K, USE_TMA, BM, BN,
-                                      BK)
-                if IEEE:
-                    oacc += tl.dot(av2, bv2, input_precision="ieee")
-                else:
-                    oacc += tl.dot(av2, bv2)
-            _store_tile(oacc, bias_ptr, out_ptr, om * BM, ob * W + osub * BN, M, OUT_COLS, som, HAS_BIAS, BM, BN)
+            oacc = _job_acc(tl.load(wp2, cache_modifier=".cg"), orow, a_ptr, a_desc, bt_ptr, bt_desc, acol_ptr,
+                            M, KA, KP, sam, sbr, NK, AFFINE_A, EVEN_M, EVEN_K, USE_TMA, IEEE, BM, BN, BK)
+            _store_tile(oacc, bias_ptr, out_ptr, tl.load(orow), tl.load(orow + 1), M, OUT_COLS, som, HAS_BIAS,
+                        BM, BN)
             tl.debug_barrier()
             tl.atomic_xchg(flag_ptr + oslot, 0)
 
@@ -539,8 +542,7 @@ def persistent_schedule(nm: int, block_steps, nsub: int, group: int, programs: i
         jobs.sort()
         order += [((m * nb + b) * nsub + s, -st) for st, m, b, s in jobs]
     if not order:
-        e = torch.zeros(0, dtype=torch.int32)
-        return {"jobs": e, "jk0": e, "jn": e, "jslot": e, "jptr": e, "optr": e, "nsteps": e}, 0, 1.0
+        return [], [], 0, 1.0
     P = max(1, min(programs, len(order)))
     mean = sum(st + 1 for _, st in order) / P
     load = [0.0] * P
@@ -568,22 +570,39 @@ def persistent_schedule(nm: int, block_steps, nsub: int, group: int, programs: i
             lists[p].append([code, 0, st, -1])
             load[p] = t + st + 1.0
             heapq.heappush(heap, (load[p], p))
-    jobs, jk0, jn, jslot, jptr, optr, nsteps = [], [], [], [], [0], [], []
-    for p in range(P):
-        for code, k0, n, slot in lists[p]:
-            jobs.append(code), jk0.append(k0), jn.append(n), jslot.append(slot)
-        optr.append(len(jobs))
-        for code, k0, n, slot in owners[p]:
-            jobs.append(code), jk0.append(k0), jn.append(n), jslot.append(slot)
-        jptr.append(len(jobs))
-        nsteps.append(sum(x[2] for x in lists[p]))
-    for v in (jobs, jk0, jn, jslot):             # one spare entry: a load of "the next job" past a
-        v.append(v[-1])                          # program's last stays in bounds
-    i32 = lambda v: torch.tensor(v, dtype=torch.int32)
-    tabs = {"jobs": i32(jobs), "jk0": i32(jk0), "jn": i32(jn), "jslot": i32(jslot), "jptr": i32(jptr),
-            "optr": i32(optr), "nsteps": i32(nsteps)}
     ratio = max(load) / (sum(load) / len(load))
-    return tabs, nslots, ratio
+    return lists, owners, nslots, ratio
+
+
+def persistent_tables(lists, owners, nb: int, nsub: int, W: int, BM: int, BN: int, ptr, acol, brow) -> dict:
+    """The kernel's tables from `persistent_schedule`'s job lists (entries [code, k0, n, slot]): jtab (one
+    row of JOB_FIELDS per job), sjob (the job of every flattened step), sptr (each program's steps), wlist /
+    wptr (each program's first halves of split blocks), olist / optr (its owners of second halves).
+    ptr / acol / brow: the chunk list (CPU)."""
+    rows, sjob, sptr, wlist, wptr, olist, optr = [], [], [0], [], [0], [], [0]
+
+    def row(code, k0, n, slot, first):
+        sub, b, m = code % nsub, (code // nsub) % nb, code // (nsub * nb)
+        st = int(ptr[b])
+        rows.append([m * BM, b * W + sub * BN, sub * BN, int(acol[st]), int(brow[st]), st, k0, first,
+                     first + n - 1, slot])
+        return len(rows) - 1
+
+    for p in range(len(lists)):
+        for code, k0, n, slot in lists[p]:
+            if slot >= 0:                           # first half of a split block: before the loop
+                wlist.append(row(code, k0, n, slot, 0))
+            else:
+                j = row(code, k0, n, slot, len(sjob))
+                sjob += [j] * n
+        sptr.append(len(sjob))
+        wptr.append(len(wlist))
+        for code, k0, n, slot in owners[p]:
+            olist.append(row(code, k0, n, slot, 0))
+        optr.append(len(olist))
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)
+    return {"jtab": i32(rows or [[0] * JOB_FIELDS]).reshape(-1), "sjob": i32(sjob or [0]), "sptr": i32(sptr),
+            "wlist": i32(wlist or [0]), "wptr": i32(wptr), "olist": i32(olist or [0]), "optr": i32(optr)}
 
 
 def chunk_gemm_persistent(a, bt, ptr, acol, brow, depth, out_cols, bias=None, config=None, affine_width=0,
@@ -626,33 +645,35 @@ def chunk_gemm_persistent(a, bt, ptr, acol, brow, depth, out_cols, bias=None, co
         for g in groups:
             for sp in splits:
                 r = persistent_schedule(nm, steps, nsub, g, programs, sp)
-                if best is None or r[2] < best[2] * (0.98 if sp and not best[1] else 1.0):  # split if clearly better
+                if best is None or r[3] < best[3] * (0.98 if sp and not best[2] else 1.0):  # split if clearly better
                     best = r
-        tabs, nslots, ratio = best
+        lists, owners, nslots, ratio = best
+        tabs = persistent_tables(lists, owners, nb, nsub, W, BM, BN, p, acol.cpu(), brow.cpu())
         tabs = {k: v.to(a.device) for k, v in tabs.items()}
+        nprog = len(lists)
         ws = torch.empty(max(1, nslots) * BM * BN, dtype=torch.float32, device=a.device)
         flags = torch.zeros(max(1, nslots), dtype=torch.int32, device=a.device)
         empty = [bb for bb, c in enumerate(counts) if c == 0]
         cols = (torch.tensor(empty)[:, None] * W + torch.arange(W)).reshape(-1) if empty else None
         if cols is not None:
             cols = cols[cols < out_cols].to(a.device)
-        ent = (tabs, nslots, ws, flags, cols, ratio)
+        ent = (tabs, nslots, ws, flags, cols, ratio, nprog)
         if cache is not None:
             cache[key] = ent
-    tabs, nslots, ws, flags, cols, _ = ent
+    tabs, nslots, ws, flags, cols, _, nprog = ent
     if cols is not None and cols.numel():      # output blocks no entry covers: bias (or zero)
         out[:, cols] = (bias[cols].to(out.dtype) if bias is not None else torch.zeros((), dtype=out.dtype,
                                                                                       device=out.device))
-    if tabs["nsteps"].numel() == 0:
+    if nprog == 0:
         return out
     tma = bool(cfg["TMA"]) and _tma_ok(a, bt)
     ad = _desc(a, [BM, BK]) if tma else None
     bd = _desc(bt, [BK, BN]) if tma else None
-    _chunk_persistent_kernel[(tabs["nsteps"].numel(),)](
-        a, ad, bt, bd, ptr, acol, brow, bias if bias is not None else out, out, tabs["jobs"], tabs["jk0"],
-        tabs["jn"], tabs["jslot"], tabs["jptr"], tabs["optr"], tabs["nsteps"], ws, flags,
-        M, KA, affine_width or KA, out_cols, nb, nsub, a.stride(0), bt.stride(0), out.stride(0),
-        W=W, DEPTH=depth, HAS_BIAS=bias is not None, AFFINE_A=affine_width > 0, EVEN_M=M % BM == 0,
-        EVEN_K=KA % depth == 0, USE_TMA=tma, IEEE=a.dtype == torch.float32, SPLIT=nslots > 0, BM=BM, BN=BN, BK=BK,
+    _chunk_persistent_kernel[(nprog,)](
+        a, ad, bt, bd, acol, bias if bias is not None else out, out, tabs["jtab"], tabs["sjob"], tabs["sptr"],
+        tabs["wlist"], tabs["wptr"], tabs["olist"], tabs["optr"], ws, flags, M, KA, affine_width or KA, out_cols, a.stride(0), bt.stride(0),
+        out.stride(0), DEPTH=depth, HAS_BIAS=bias is not None, AFFINE_A=affine_width > 0, EVEN_M=M % BM == 0,
+        EVEN_K=KA % depth == 0, USE_TMA=tma, IEEE=a.dtype == torch.float32, SPLIT=nslots > 0, NF=JOB_FIELDS,
+        BM=BM, BN=BN, BK=BK,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
