@@ -86,6 +86,30 @@ def main():
         print(f"mixer keep={keep}: ppl {p.ppl:.3f} ({plan['kept']}/{plan['budget']}, "
               f"{len(plan['units'])} units)", flush=True)
         del model
+    # per-layer relative output errors (calibration Gram) of whitened low-rank vs the shared-P joint fits at
+    # equal params: why perplexities at keep 0.6 are close
+    res["output_errors"] = {}
+    runs = {"lowrank whiten": ("lowrank", {"variant": "whiten"}),
+            "espace joint_rel, shared P": ("espace", {"calibrator": "joint_rel"}),
+            "espace output (joint whitened), shared P": ("espace", {"calibrator": "output"}),
+            "espace output, per-layer P": ("espace", {"calibrator": "output", "share": False})}
+    for keep in args.keeps:
+        for label, (method, opts) in runs.items():
+            model = copy.deepcopy(dense)
+            rep = sl.compress(model, sl.CompressConfig(method=method, keep=keep, options=opts), stats=stats,
+                              progress=False)
+            kinds = collections.defaultdict(list)
+            for row in rep.rows:
+                kinds[row.name.rsplit(".", 1)[-1]].append(row.output_error ** 2)
+            entry = {"kept_params": rep.kept_params, "budget": rep.budget,
+                     "mean_rel_err2": {k: sum(v) / len(v) for k, v in kinds.items()},
+                     "mean_rel_err2_all": sum(sum(v) for v in kinds.values()) / len(rep.rows)}
+            if label == "espace joint_rel, shared P":
+                entry["ppl"] = perplexity(model, windows, text="pride-and-prejudice").ppl
+            res["output_errors"][f"{label} @ {keep}"] = entry
+            print(label, keep, entry, flush=True)
+            del model
+        (OUT / "espace_mixer.json").write_text(json.dumps(res, indent=2))
     res["seconds"] = time.time() - t0
     (OUT / "espace_mixer.json").write_text(json.dumps(res, indent=2))
 

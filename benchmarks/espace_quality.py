@@ -274,6 +274,18 @@ def _mixer_section(m):
     for k, p in sorted(m["plans"].items(), reverse=True):
         out.append(f"- keep {k}: perplexity {p['ppl']:.2f}, {p['units_compressed']} of {m['units']} units "
                    f"compressed, {p['kept_params']:,} / {p['budget']:,} params, calibrators {p['calibrators']}")
+    oe = m.get("output_errors")
+    if oe:
+        kinds = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        out += ["", "## Output error at equal params", "",
+                "Mean over the 30 blocks of each layer's relative squared output error ‖(W − Ŵ)X‖²/‖WX‖² on the "
+                "calibration inputs (`Report.rows[i].output_error`²), same budgets as above:", "",
+                "| run | " + " | ".join(k.replace("_proj", "") for k in kinds) + " | all | ppl |",
+                "| --- | " + " | ".join("---:" for _ in kinds) + " | ---: | ---: |"]
+        for key, e in oe.items():
+            ppl = f"{e['ppl']:.2f}" if "ppl" in e else ""
+            out.append(f"| {key} | " + " | ".join(f"{e['mean_rel_err2'].get(k, float('nan')):.4f}" for k in kinds)
+                       + f" | {e['mean_rel_err2_all']:.4f} | {ppl} |")
     return out
 
 

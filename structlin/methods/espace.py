@@ -65,7 +65,8 @@ FIT, HOLD = 0, 1
 
 @dataclass
 class EspaceOptions:
-    calibrator: str = choice("mse", CALIBRATORS + ("auto",), "statistic whose top eigenvectors form P")
+    calibrator: str = choice("mse", CALIBRATORS + ("joint_rel", "auto"), "statistic whose top eigenvectors form "
+                             "P (joint_rel: for a shared group, the joint fit on unit-‖W_j X‖ members; else output)")
     order: str = choice("abs", ("signed", "abs"), "rank eigenvalues of indefinite go/nl matrices by λ or |λ|")
     holdout: int = option(4, "every holdout-th calibration batch is held out to score candidates (0: none)",
                           low=0, high=1_000_000)
@@ -588,6 +589,7 @@ def fit(weight: torch.Tensor, rank: int, calibrator: str, order: str, stats, spl
         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(P (K × L), Bᵀ (N × L)) with Ŵ = Bᵀ Pᵀ for one calibrator, all float64."""
     where = getattr(stats, "name", "")
+    calibrator = "output" if calibrator == "joint_rel" else calibrator      # one layer: the same fit
     wkey = None if calibrator in ("mse", "mse_l2") else _weight_key(weight)
     if calibrator == "output":
         cx = _gram(stats, split).to(weight)
