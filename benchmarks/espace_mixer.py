@@ -38,7 +38,9 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--unit-keep", type=float, default=0.4)
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6])
-    ap.add_argument("--calibrators", nargs="+", default=list(mx.DEFAULT_CALIBRATORS))
+    ap.add_argument("--calibrators", nargs="+", default=list(mx.DEFAULT_CALIBRATORS) + ["joint_rel/signed"])
+    ap.add_argument("--heal-steps", type=int, default=30, help="heal the lowest-keep mixer model as espace_quality.py "
+                    "does (B only, calibration windows, LM loss); 0 skips")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     t0 = time.time()
@@ -68,6 +70,7 @@ def main():
     print(f"sensitivity table: {len(table['units'])} units × {len(args.calibrators)} calibrators, "
           f"{table['seconds']:.0f}s", flush=True)
     targeted = sum(e["dense"] for e in table["units"].values())
+    old = json.loads((OUT / "espace_mixer.json").read_text()) if (OUT / "espace_mixer.json").is_file() else {}
     res = {"setup": {"calib_windows": args.calib, "seq_len": args.seq_len, "eval_tokens": int(windows.numel()),
                      "validation": "2 × 256 tokens of Sense and Sensibility", "unit_keep": args.unit_keep,
                      "calibrators": args.calibrators, "dtype": str(dtype)[6:]},
@@ -85,16 +88,32 @@ def main():
                                    "calibrators": dict(collections.Counter(plan["units"].values()))}
         print(f"mixer keep={keep}: ppl {p.ppl:.3f} ({plan['kept']}/{plan['budget']}, "
               f"{len(plan['units'])} units)", flush=True)
+        if keep == min(args.keeps) and args.heal_steps:
+            from espace_quality import OnlyB
+            from structlin.heal import heal
+
+            model.float()
+            with torch.enable_grad():
+                hr = heal(model, calib, steps=args.heal_steps, lr=2e-4, hooks=[OnlyB()],
+                          autocast_dtype=torch.bfloat16, progress=False)
+            model.to(dtype)
+            res["plans"][str(keep)]["healed"] = {"ppl": perplexity(model, windows, text="pride-and-prejudice").ppl,
+                                                 "steps": args.heal_steps, "seconds": hr.seconds,
+                                                 "loss_first": hr.losses[0],
+                                                 "loss_last10": sum(hr.losses[-10:]) / len(hr.losses[-10:])}
+            print(f"mixer keep={keep} healed: {res['plans'][str(keep)]['healed']}", flush=True)
         del model
     # per-layer relative output errors (calibration Gram) of whitened low-rank vs the shared-P joint fits at
     # equal params: why perplexities at keep 0.6 are close
-    res["output_errors"] = {}
+    res["output_errors"] = {k: v for k, v in old.get("output_errors", {}).items()}
     runs = {"lowrank whiten": ("lowrank", {"variant": "whiten"}),
             "espace joint_rel, shared P": ("espace", {"calibrator": "joint_rel"}),
             "espace output (joint whitened), shared P": ("espace", {"calibrator": "output"}),
             "espace output, per-layer P": ("espace", {"calibrator": "output", "share": False})}
     for keep in args.keeps:
         for label, (method, opts) in runs.items():
+            if f"{label} @ {keep}" in res["output_errors"]:
+                continue
             model = copy.deepcopy(dense)
             rep = sl.compress(model, sl.CompressConfig(method=method, keep=keep, options=opts), stats=stats,
                               progress=False)
@@ -135,6 +154,7 @@ def plot_curves(curves: dict, path: Path) -> None:
     for ax, title in zip(axes, ("input reconstruction (mse calibrator): Σ discarded λ(C_x) / Σ λ",
                                 "best output error (output / joint whitened): Σ discarded σ² / Σ σ²")):
         ax.set_yscale("log")
+        ax.set_ylim(1e-6, 2)
         ax.set_xlabel("L / K")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
@@ -146,4 +166,9 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:2] == ["--plot"]:       # redraw the plot from the saved curves
+        plot_curves(json.loads((OUT / "espace_reconstruction.json").read_text()), OUT / "espace_reconstruction.png")
+    else:
+        main()
