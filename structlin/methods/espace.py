@@ -22,10 +22,11 @@ fits every candidate (calibrator × order) on the fit batches and scores it on t
 ‖(W − Ŵ) X‖² / ‖W X‖² over held-out calibration batches (every ``holdout``-th batch), then (``refit``)
 refits the winner on all tokens.
 
-Statistics beyond the input Gram need `calibrate(model, cfg, batches)`, whose result is passed to
-`structlin.compress(model, cfg, stats=...)`. The plain pipeline (``calib=``) supplies only the Gram, which
-serves ``mse``, ``go`` and ``output``. (`Espace.collect` is ready for a pipeline that asks the method to
-collect its own statistics.)
+Statistics: `calibrate(model, cfg, batches)` (held-out split, nl with a loss), passed as
+`structlin.compress(model, cfg, stats=...)`; `compress(..., calib=batches)` collects the same statistics
+through `Espace.collect` (forward only unless the calibrator is nl/nl_l2, or auto with a loss and auto_nl).
+Statistics from the generic `structlin.calibrate.collect` (Gram only) serve ``mse``, ``go`` and ``output``
+without sharing.
 
 Shared P (``share=True``, the default with statistics from `calibrate`/`Espace.collect`): layers that read
 the same input tensor (q/k/v, gate/up) form one group with one P (K × L) and one B_j per member. The budget
