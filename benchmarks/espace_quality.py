@@ -227,9 +227,19 @@ def render(r: dict) -> str:
     for lab in labels:
         lines.append(f"| {lab} | " + " | ".join(_cell(r, lab, k) for k in keeps) + " |")
     mix = _load("espace_mixer.json")
+    if mix and mix.get("output_errors"):
+        jr = {k.rsplit(" @ ", 1)[1]: v["ppl"] for k, v in mix["output_errors"].items()
+              if k.startswith("espace joint_rel") and "ppl" in v}
+        if jr:
+            lines.append("| espace joint_rel, shared P (from espace_mixer.py) | " + " | ".join(
+                f"{jr[str(k)]:.2f}" if str(k) in jr else "–" for k in keeps) + " |")
     if mix:
         lines.append("| espace mixer (sensitivity + progressive selection, shared P) | " + " | ".join(
             (f"{mix['plans'][str(k)]['ppl']:.2f}" if str(k) in mix["plans"] else "–") for k in keeps) + " |")
+        hk = str(min(keeps))
+        if "healed" in mix["plans"].get(hk, {}):
+            lines.append("| espace mixer + heal (B only) | " + " | ".join(
+                f"{mix['plans'][hk]['healed']['ppl']:.2f}" if str(k) == hk else "–" for k in keeps) + " |")
     lines += ["", "Params kept / budget per run, and `auto`'s per-layer choices:", ""]
     for key, v in r["runs"].items():
         extra = f" — choices {v['choices']}" if "choices" in v else ""
