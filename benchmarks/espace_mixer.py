@@ -60,10 +60,11 @@ def main():
 
     # reconstruction analysis: eigenvalues only
     t1 = time.time()
-    curves = mx.reconstruction_curves(stats)
-    (OUT / "espace_reconstruction.json").write_text(json.dumps(curves))
-    plot_curves(curves, OUT / "espace_reconstruction.png")
-    print(f"reconstruction curves ({time.time() - t1:.1f}s)", flush=True)
+    if not (OUT / "espace_reconstruction.json").is_file():       # same statistics: computed once
+        curves = mx.reconstruction_curves(stats)
+        (OUT / "espace_reconstruction.json").write_text(json.dumps(curves))
+        plot_curves(curves, OUT / "espace_reconstruction.png")
+        print(f"reconstruction curves ({time.time() - t1:.1f}s)", flush=True)
 
     table = mx.sensitivity(dense, stats, val, unit_keep=args.unit_keep, calibrators=args.calibrators,
                            cache=OUT / "espace_sensitivity.json", progress=False)
