@@ -130,6 +130,7 @@ def _decode_kernel(x_ptr, w_ptr, l_ptr, b_ptr, inv_ptr, ws_ptr, y_ptr, cnt_ptr,
                 w = tl.load(w_ptr + rj[:, None] * swj + rk[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
                 acc += tl.dot(a, tl.trans(w))
             tl.store(ws_ptr + (s * M + rm[:, None]) * J + rj[None, :], acc, mask=mm[:, None] & mj[None, :])
+    late = pid < 0          # the barrier gave up waiting (never when every program is resident)
     if PHASE == 0:
         tl.debug_barrier()  # the whole program's stores precede its arrival (release, GPU scope)
         old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
@@ -139,6 +140,7 @@ def _decode_kernel(x_ptr, w_ptr, l_ptr, b_ptr, inv_ptr, ws_ptr, y_ptr, cnt_ptr,
         while (cur < target) & (spins < 16777216):  # a safety cap (seconds), never reached when all are resident
             cur = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
             spins += 1
+        late = cur < target
         tl.debug_barrier()
     if PHASE != 1:
         for t in range(pid, tl.cdiv(N, BN), NPROG):
@@ -162,6 +164,7 @@ def _decode_kernel(x_ptr, w_ptr, l_ptr, b_ptr, inv_ptr, ws_ptr, y_ptr, cnt_ptr,
                                other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+            acc = tl.where(late, float("nan"), acc)   # a barrier that gave up poisons its outputs, never silent
             tl.store(y_ptr + rm[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=mm[:, None] & mn[None, :])
 
