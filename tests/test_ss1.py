@@ -130,9 +130,9 @@ def test_table_state_dict_roundtrip():
 # ----------------------------------------------------------------------------- projections
 
 def test_average_is_frobenius_optimal():
-    W = torch.randn(30, 100, dtype=f64)
+    W = torch.randn(32, 256, dtype=f64, generator=torch.Generator().manual_seed(3))  # K a multiple of BK_h·r
     for scheme in ("tied", "table", "blockwise"):
-        spec = ss1.SS1Spec(100, 30, False, r=4, scheme=scheme, bn=16)
+        spec = ss1.SS1Spec(256, 32, False, r=4, scheme=scheme, bn=16)
         L = ss1.SS1().project(W, None, spec, None, ss1.SS1Options(projection="average"), torch.Generator())
         E = W - L.to_dense()
         best = E.norm()
