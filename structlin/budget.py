@@ -60,6 +60,31 @@ def _ladders(shapes, method, opts, plan: Plan) -> tuple[dict, dict]:
     return ladders, cost
 
 
+def _fill_uniform(cost: dict, keep: float, budget: int) -> tuple[dict, int]:
+    """Rung per unit (a layer or a shared group) for the uniform allocation, and the params used: every unit
+    starts at the largest rung within its share keep × dense (or its smallest rung), then, while the budget
+    allows, the unit furthest below its share (relative to its dense size) moves up one rung."""
+    share = {u: keep * c[-1] for u, c in cost.items()}
+    pos = {}
+    for u, c in cost.items():
+        fits = [i for i, x in enumerate(c) if x <= share[u] + 1e-9]
+        pos[u] = fits[-1] if fits else 0
+    used = sum(cost[u][pos[u]] for u in cost)
+    while True:
+        best, best_gap = None, None
+        for u, c in cost.items():
+            i = pos[u]
+            if i + 1 >= len(c) or used - c[i] + c[i + 1] > budget:
+                continue
+            gap = (share[u] - c[i]) / c[-1]
+            if best is None or gap > best_gap:
+                best, best_gap = u, gap
+        if best is None:
+            return pos, used
+        used += cost[best][pos[best] + 1] - cost[best][pos[best]]
+        pos[best] += 1
+
+
 def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, keep: float,
                      groups: list[list[str]] | None = None) -> Plan:
     """Give every layer the same share `keep` of its own params, then fill the remaining budget.
@@ -77,26 +102,8 @@ def allocate_uniform(shapes: dict[str, tuple[int, int, bool]], method, opts, kee
         return _allocate_uniform_units(shapes, method, opts, keep, groups)
     plan = Plan()
     ladders, cost = _ladders(shapes, method, opts, plan)
-    share = {name: keep * cost[name][-1] for name in shapes}
-    pos = {}
-    for name in shapes:
-        fits = [i for i, c in enumerate(cost[name]) if c <= share[name] + 1e-9]
-        pos[name] = fits[-1] if fits else 0
     plan.budget = int(keep * plan.targeted + 1e-9)
-    used = sum(cost[n][pos[n]] for n in shapes)
-    while True:
-        best, best_gap = None, None
-        for name in shapes:
-            i = pos[name]
-            if i + 1 >= len(cost[name]) or used - cost[name][i] + cost[name][i + 1] > plan.budget:
-                continue
-            gap = (share[name] - cost[name][i]) / cost[name][-1]
-            if best is None or gap > best_gap:
-                best, best_gap = name, gap
-        if best is None:
-            break
-        used += cost[best][pos[best] + 1] - cost[best][pos[best]]
-        pos[best] += 1
+    pos, used = _fill_uniform(cost, keep, plan.budget)
     for name in shapes:
         plan.specs[name] = ladders[name][pos[name]]
         if plan.specs[name] is None and name not in plan.reasons:
@@ -137,26 +144,8 @@ def _allocate_uniform_units(shapes, method, opts, keep: float, groups: list[list
         if not rungs:
             for n in names:
                 plan.reasons[n] = "no structured form is smaller than dense"
-    share = {u: keep * cost[u][-1] for u in units}
-    pos = {}
-    for u in units:
-        fits = [i for i, c in enumerate(cost[u]) if c <= share[u] + 1e-9]
-        pos[u] = fits[-1] if fits else 0
     plan.budget = int(keep * plan.targeted + 1e-9)
-    used = sum(cost[u][pos[u]] for u in units)
-    while True:
-        best, best_gap = None, None
-        for u in units:
-            i = pos[u]
-            if i + 1 >= len(cost[u]) or used - cost[u][i] + cost[u][i + 1] > plan.budget:
-                continue
-            gap = (share[u] - cost[u][i]) / cost[u][-1]
-            if best is None or gap > best_gap:
-                best, best_gap = u, gap
-        if best is None:
-            break
-        used += cost[best][pos[best] + 1] - cost[best][pos[best]]
-        pos[best] += 1
+    pos, used = _fill_uniform(cost, keep, plan.budget)
     for u, names in units.items():
         rung = ladders[u][pos[u]]
         for n in names:
