@@ -633,14 +633,19 @@ def select(weight, rank, stats, opts) -> tuple[torch.Tensor, torch.Tensor, dict]
         raise CalibrationError("calibrator 'auto' scores candidates on held-out batches: calibrate with "
                                "structlin.methods.espace.calibrate(model, cfg, batches) and pass stats=...")
     hold = stats.mean("gram", "hold").to(weight)
+    return _pick(auto_candidates(stats), lambda cal, order, split: fit(weight, rank, cal, order, stats, split),
+                 lambda P, Bt: output_error(weight, P, Bt, hold), opts)
+
+
+def _pick(candidates, fit_on, score, opts):
+    """(P, B…, choice): every (calibrator, order) candidate fitted on the fit split and scored on the held-out
+    one; the best refitted on all batches (opts.refit) or kept as fitted."""
     scores = {}
-    for cal, order in auto_candidates(stats):
-        P, Bt = fit(weight, rank, cal, order, stats, "fit")
-        scores[f"{cal}/{order}"] = output_error(weight, P, Bt, hold)
-    best = min(scores, key=scores.get)
-    cal, order = best.split("/")
-    P, Bt = fit(weight, rank, cal, order, stats, "all" if opts.refit else "fit")
-    return P, Bt, {"calibrator": cal, "order": order, "heldout_error": scores}
+    for cal, order in candidates:
+        scores[f"{cal}/{order}"] = score(*fit_on(cal, order, "fit"))
+    cal, order = min(scores, key=scores.get).split("/")
+    P, B = fit_on(cal, order, "all" if opts.refit else "fit")
+    return P, B, {"calibrator": cal, "order": order, "heldout_error": scores}
 
 
 # ---------------------------------------------------------------------------------------------- shared P
@@ -744,14 +749,9 @@ def group_score(weights, P, Bts, hold) -> float:
 def group_select(weights, rank, stats, opts) -> tuple[torch.Tensor, dict, dict]:
     """auto for a shared group: every group candidate fitted on the fit split, scored on the held-out one."""
     hold = stats.mean("gram", "hold").to(weights[next(iter(weights))])
-    scores = {}
-    for cal, order in group_candidates(stats):
-        P, Bts = group_fit(weights, rank, cal, order, stats, "fit")
-        scores[f"{cal}/{order}"] = group_score(weights, P, Bts, hold)
-    best = min(scores, key=scores.get)
-    cal, order = best.split("/")
-    P, Bts = group_fit(weights, rank, cal, order, stats, "all" if opts.refit else "fit")
-    return P, Bts, {"calibrator": cal, "order": order, "heldout_error": scores}
+    return _pick(group_candidates(stats),
+                 lambda cal, order, split: group_fit(weights, rank, cal, order, stats, split),
+                 lambda P, Bts: group_score(weights, P, Bts, hold), opts)
 
 
 class Espace(Method):
