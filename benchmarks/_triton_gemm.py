@@ -3,18 +3,13 @@ import torch
 import triton
 import triton.language as tl
 
+from structlin.kernels._tiles import grouped_tile
+
 
 @triton.jit
 def _mm(a_ptr, b_ptr, c_ptr, a_desc, b_desc, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         TMA: tl.constexpr, GROUP: tl.constexpr):
-    pid = tl.program_id(0)
-    nm, nn = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    per = GROUP * nn
-    g = pid // per
-    first = g * GROUP
-    gs = min(nm - first, GROUP)
-    pm = first + (pid % per) % gs
-    pn = (pid % per) // gs
+    pm, pn = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP)
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import grouped_tile
+
 
 @triton.jit
 def _sketch_kernel(x_ptr, mem_ptr, coef_ptr, u_ptr, M, KC, D,
@@ -58,13 +60,7 @@ def _fused_kernel(x_ptr, w_ptr, rot_ptr, b_ptr, y_ptr, M, N, K, G, R, BN_H,
     summed over c (fp32), then one BK-deep dot with w[n, g·BK : (g+1)·BK]. rot has stride srn = 0 over
     the column block for the row-tied scheme. BK is the hash block; BN divides the hash column block BN_H.
     """
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % gsize
-    pid_n = (pid % group) // gsize
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -215,13 +211,7 @@ def _tied_mm_kernel(x_ptr, rot_ptr, w_ptr, b_ptr, y_ptr, M, N, K, KC, sxm, swn, 
     (16-byte loads; x is small or L2-resident), W0 streams once in (BN × BC) tiles, fp32 accumulation, no
     split-K (deterministic). DOT: tensor-core dot (A padded to BM ≥ 16 rows); else BM = 1 and a CUDA-core
     broadcast-multiply-sum (the GEMV form for M = 1). Tiles are grouped GROUP_M row-blocks at a time."""
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    gsize = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % gsize
-    pid_n = (pid % group) // gsize
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     mm, mn = rm < M, rn < N
