@@ -30,31 +30,16 @@ from structlin import data
 from structlin.heal.classify import accuracy, finetune_classifier
 from structlin.methods.losparse import LoSparseLinear
 
+from _minilm import FREEZE, TARGETS, dense_finetune, encoder_params  # noqa: E402  (benchmarks/ is on sys.path)
+
 RECIPE = ("rank_ratio", "init", "lr", "lr_dense", "batch_size", "t_i", "t_f", "delta_t", "beta2", "kl", "hidden",
           "temperature", "bf16", "epochs")
-FREEZE = ("word_embeddings",)  # the 11.7M-entry table: cheaper steps on 2 CPU cores, same for every run
-TARGETS = r".*encoder\.layer\.\d+\..*"
 
 DATASETS = {
     # name: (max_length, epochs, train subsample or None)
     "pang-lee": (64, 2, None),
     "reuters-r8": (64, 1, None),
 }
-
-
-def targeted_params(model) -> tuple[int, int]:
-    """(kept params of the encoder linears now, their dense params)."""
-    kept = dense = 0
-    for name, m in model.named_modules():
-        if not name.startswith("bert.encoder.layer."):
-            continue
-        if isinstance(m, LoSparseLinear):
-            kept += m.num_params()
-            dense += m.in_features * m.out_features + (m.out_features if m.spec.bias else 0)
-        elif isinstance(m, torch.nn.Linear):
-            kept += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-            dense += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-    return kept, dense
 
 
 def run(args):
@@ -73,25 +58,10 @@ def run(args):
         steps = epochs * -(-len(train) // args.batch_size)
         base, tok = data.load_model("minilm", task="classification", num_labels=len(labels), seed=0)
         dense = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        cached = None
-        if args.cache and not args.smoke:  # the dense fine-tune is deterministic: reuse it across runs
-            key = f"{ds}-n{len(train)}-s{steps}-lr{args.lr_dense:g}-b{args.batch_size}-bf16{int(args.bf16)}"
-            cached = Path(args.cache) / key
-        if cached is not None and (cached / "meta.json").exists():
-            dense.load_state_dict(torch.load(cached / "model.pt"))
-            meta = json.loads((cached / "meta.json").read_text())
-            acc_dense, minutes = meta["accuracy"], meta["minutes"]
-        else:
-            finetune_classifier(dense, train, tok, steps=steps, lr=args.lr_dense, batch_size=args.batch_size,
-                                max_length=max_len, seed=0, autocast_dtype=amp, progress=args.progress,
-                                freeze=FREEZE)
-            acc_dense = accuracy(dense, test, tok, max_length=max_len, autocast_dtype=amp)
-            minutes = (time.perf_counter() - t0) / 60
-            if cached is not None:
-                cached.mkdir(parents=True, exist_ok=True)
-                torch.save(dense.state_dict(), cached / "model.pt")
-                (cached / "meta.json").write_text(json.dumps(dict(accuracy=acc_dense, minutes=minutes)))
+        # the dense fine-tune is deterministic: reuse it across runs
+        acc_dense, minutes = dense_finetune(dense, train, test, tok, dataset=ds, steps=steps, max_len=max_len,
+                                            lr=args.lr_dense, batch_size=args.batch_size, amp=amp,
+                                            cache_dir=None if args.smoke else args.cache, progress=args.progress)
         dense.eval()
         row = dict(dataset=ds, config="dense fine-tune", keep=1.0, achieved=1.0, steps=steps, train=len(train),
                    epochs=epochs, accuracy=acc_dense, relative=1.0, minutes=minutes)
@@ -124,7 +94,7 @@ def run(args):
                                 kl_weight=args.kl, hidden_weight=args.hidden, temperature=args.temperature,
                                 hook_options=hook_opts, progress=args.progress, freeze=FREEZE)
             acc = accuracy(model, test, tok, max_length=max_len, autocast_dtype=amp)
-            kept, total = targeted_params(model)
+            kept, total = encoder_params(model)
             ranks = sorted({m.spec.rank for m in model.modules() if isinstance(m, LoSparseLinear)})
             rows_kept = sum(m.spec.kept for m in model.modules() if isinstance(m, LoSparseLinear))
             rows_full = sum(m.spec.lines for m in model.modules() if isinstance(m, LoSparseLinear))

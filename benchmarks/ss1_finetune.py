@@ -29,28 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from _minilm import FREEZE, TARGETS, dense_finetune, encoder_params  # benchmarks/ is on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
-FREEZE = ("word_embeddings",)
-TARGETS = r".*encoder\.layer\.\d+\..*"
 DATASETS = {"pang-lee": (64, 2), "reuters-r8": (64, 1)}   # max_length, dense epochs (as losparse_finetune.py)
-
-
-def encoder_params(model):
-    """(params of the encoder linears now, their dense count)."""
-    from structlin.methods.base import StructuredLinear
-
-    kept = dense = 0
-    for name, m in model.named_modules():
-        if not name.startswith("bert.encoder.layer."):
-            continue
-        if isinstance(m, StructuredLinear):
-            kept += m.num_params()
-            dense += m.spec.in_features * m.spec.out_features + (m.spec.out_features if m.spec.bias else 0)
-        elif isinstance(m, torch.nn.Linear):
-            n = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-            kept += n
-            dense += n
-    return kept, dense
 
 
 def batches_of(rows, tok, max_len, bs):
@@ -110,22 +92,9 @@ def main():
         steps = epochs * -(-len(train) // args.batch_size)
         base, tok = data.load_model("minilm", task="classification", num_labels=len(labels), seed=0)
         dense = copy.deepcopy(base)
-        key = f"{ds}-n{len(train)}-s{steps}-lr{args.lr_dense:g}-b{args.batch_size}-bf161"
-        cached = None if args.smoke else Path(args.dense_cache) / key
-        t0 = time.perf_counter()
-        if cached is not None and (cached / "meta.json").exists():
-            dense.load_state_dict(torch.load(cached / "model.pt"))
-            meta = json.loads((cached / "meta.json").read_text())
-            acc_dense, minutes = meta["accuracy"], meta["minutes"]
-        else:
-            finetune_classifier(dense, train, tok, steps=steps, lr=args.lr_dense, batch_size=args.batch_size,
-                                max_length=max_len, seed=0, autocast_dtype=amp, progress=False, freeze=FREEZE)
-            acc_dense = accuracy(dense, test, tok, max_length=max_len, autocast_dtype=amp)
-            minutes = (time.perf_counter() - t0) / 60
-            if cached is not None:
-                cached.mkdir(parents=True, exist_ok=True)
-                torch.save(dense.state_dict(), cached / "model.pt")
-                (cached / "meta.json").write_text(json.dumps(dict(accuracy=acc_dense, minutes=minutes)))
+        acc_dense, minutes = dense_finetune(dense, train, test, tok, dataset=ds, steps=steps, max_len=max_len,
+                                            lr=args.lr_dense, batch_size=args.batch_size, amp=amp,
+                                            cache_dir=None if args.smoke else args.dense_cache)
         dense.eval()
         _, total = encoder_params(dense)
         rows[f"{ds} dense"] = dict(dataset=ds, config="dense fine-tune", r=1, achieved=1.0, params=total,
