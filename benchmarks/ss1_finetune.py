@@ -89,6 +89,7 @@ def main():
         test, _ = data.labelled(ds, "test")
         if args.smoke:
             train, test, epochs = train[:96], test[:64], 1
+            args.calib, args.val = 4, 2          # 96 rows: 64 for the Grams, 32 to rank on
         steps = epochs * -(-len(train) // args.batch_size)
         base, tok = data.load_model("minilm", task="classification", num_labels=len(labels), seed=0)
         dense = copy.deepcopy(base)
