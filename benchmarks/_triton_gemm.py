@@ -36,3 +36,33 @@ def matmul(a, b, BM, BN, BK, num_warps, num_stages, tma):
     _mm[(triton.cdiv(M, BM) * triton.cdiv(N, BN),)](a, b, c, ad, bd, M, N, K, BM=BM, BN=BN, BK=BK, TMA=tma,
                                                      GROUP=8, num_warps=num_warps, num_stages=num_stages)
     return c
+
+
+@triton.jit
+def _mm_ws(a_ptr, b_ptr, c_ptr, M, N, K, NPROG: tl.constexpr, WS: tl.constexpr, BM: tl.constexpr,
+           BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
+    """Persistent, warp-specialised (Hopper) form with descriptors made in the kernel: the loop structure of
+    the GBLR `_gblr_ws` kernel on a plain GEMM."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[N, 1], block_shape=[BK, BN])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BM, BN])
+    nt = tl.cdiv(M, BM) * tl.cdiv(N, BN)
+    for tile in tl.range(tl.program_id(0), nt, NPROG, flatten=False, warp_specialize=WS):
+        pm, pn = grouped_tile(tile, M, N, BM, BN, GROUP)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, K, BK):
+            acc = tl.dot(a_desc.load([pm * BM, k]), b_desc.load([k, pn * BN]), acc)
+        c_desc.store([pm * BM, pn * BN], acc.to(tl.bfloat16))
+
+
+def matmul_ws(a, b, BM, BN, BK, num_warps, num_stages, ws=True):
+    from structlin.kernels._gblr_ws import _ensure_allocator
+
+    _ensure_allocator()
+    M, K = a.shape
+    N = b.shape[1]
+    c = torch.empty(M, N, device=a.device, dtype=a.dtype)
+    nprog = torch.cuda.get_device_properties(a.device).multi_processor_count
+    _mm_ws[(nprog,)](a, b, c, M, N, K, NPROG=nprog, WS=ws, BM=BM, BN=BN, BK=BK, GROUP=8,
+                     num_warps=num_warps, num_stages=num_stages)
+    return c

@@ -97,33 +97,26 @@ OLD_CFGS = {128: ({"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages":
             256: ({"BM": 128, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3},
                   {"BM": 128, "BK": 64, "num_warps": 8, "num_stages": 4, "BN": 128})}
 # candidate kernels at M = 4096 (each entry compiles once: the integer arguments of all shapes share one
-# specialisation). "fused": one launch, stage-2 jobs wait on per-row-block counters of stage 1;
-# "persistent": one launch per stage, one program per SM walking a host-made job list in one flattened,
-# software-pipelined loop (stage 1 may split long input boxes in two, the second half adding the first's
-# fp32 partial). s1 / s2: the two stages' tiles.
-P1 = {"BM": 128, "BN": 256, "BK": 64, "num_warps": 8, "num_stages": 3, "TMA": True, "CTAS": 1}
-P2 = {"BM": 256, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "TMA": True, "CTAS": 1}
+# specialisation). "ws": two persistent launches (one per stage), one program per SM walking a host-scheduled
+# job list, the job loop warp-specialised (a producer warp streams the next job's tiles; Hopper, the default
+# there); "fused": one launch, stage-2 jobs wait on per-row-block counters of stage 1 (the default before).
 SEARCH = [
-    ("fused 128x128 (last run's best)", {"kernel": "fused", "BM1": 128, "BN1": 128, "BM2": 128, "BN2": 128,
+    ("ws 128x256 / 256x128", {"kernel": "ws"}),
+    ("ws, row groups of 8", {"kernel": "ws", "G": 8}),
+    ("ws, 2 load stages", {"kernel": "ws", "num_stages": 2}),
+    ("ws, stage 2 128x128", {"kernel": "ws", "BM2": 128}),
+    ("fused 128x128 (previous default)", {"kernel": "fused", "BM1": 128, "BN1": 128, "BM2": 128, "BN2": 128,
                                           "TMA": True, "num_stages": 3}),
     ("fused 128x256 / 256x128", {"kernel": "fused", "BM1": 128, "BN1": 256, "BM2": 256, "BN2": 128, "TMA": True,
                                  "num_stages": 3}),
-    ("two launches 128x256 / 256x128", {"kernel": "fused", "BM1": 128, "BN1": 256, "BM2": 256, "BN2": 128,
-                                        "TMA": True, "num_stages": 3, "FUSED": False}),
-    ("persistent 128x256 / 256x128", {"kernel": "persistent", "s1": P1, "s2": P2}),
-    ("persistent, no split", {"kernel": "persistent", "s1": {**P1, "SPLIT": False}, "s2": P2}),
-    ("persistent 4 stages", {"kernel": "persistent", "s1": {**P1, "num_stages": 4},
-                             "s2": {**P2, "num_stages": 4}}),
-    ("persistent, s2 128x128 x2/SM", {"kernel": "persistent", "s1": P1,
-                                      "s2": {**P2, "BM": 128, "num_stages": 4, "CTAS": 2}}),
-    ("persistent, s1 128x128", {"kernel": "persistent", "s1": {**P1, "BN": 128}, "s2": P2}),
 ]
 VARIANTS = [(128, 256), (128, 128)]   # (tile, rank s); the second runs the first's two best candidates
 
 
 def small_cfg(cfg, M):
-    """M < 2048 (dispatch takes dense there): the fused kernel with small row tiles."""
-    if M >= 2048:
+    """Small M (dispatch takes dense below 2048): the ws kernel as it is down to M = 17; the fused kernel with
+    small row tiles at M ≤ 16 (and below 2048 when the fused kernel was the best)."""
+    if M >= 2048 or (cfg["kernel"] == "ws" and M > 16):
         return cfg
     bm = 16 if M <= 16 else 64
     return {"kernel": "fused", "BM1": bm, "BM2": bm, "BN1": 128, "BN2": 128, "num_warps": 4, "num_stages": 3,
@@ -145,10 +138,6 @@ def fit(cfg, tile, s):
     cfg = json.loads(json.dumps(cfg))
     if cfg["kernel"] == "fused":
         cfg["BN1"], cfg["BN2"] = min(cfg["BN1"], s), min(cfg["BN2"], tile)
-    else:
-        cfg["s1"]["BN"], cfg["s2"]["BN"] = min(cfg["s1"]["BN"], s), min(cfg["s2"]["BN"], tile)
-        for st in ("s1", "s2"):
-            cfg[st]["BK"] = min(cfg[st]["BK"], tile, s)
     return cfg
 
 
@@ -203,7 +192,8 @@ def one(label, K, N, tile, s, frac, rate, bw, search=SEARCH):
         floor = max(flops / rate, bytes_ / bw) * 1e3
         rows.append({"M": M, "dense_ms": t_dense, "gblr_ms": t_tiles, "ideal_ms": t_dense * snapped,
                      "floor_ms": floor, "speedup": t_dense / t_tiles, "dispatch": path,
-                     "tflops": flops / (t_tiles * 1e-3) / 1e12, "kernel": best[2] if M >= 2048 else "fused small"})
+                     "tflops": flops / (t_tiles * 1e-3) / 1e12,
+                     "kernel": best[2] if small_cfg(cfg, M) is cfg else "fused small"})
         print(f"  {label} tile {tile} s {s} M={M}: dense {t_dense * 1e3:.1f} us, gblr {t_tiles * 1e3:.1f} us, "
               f"ideal {t_dense * snapped * 1e3:.1f} us, floor {floor * 1e3:.1f} us, {t_dense / t_tiles:.2f}x, "
               f"dispatch {path}", flush=True)
@@ -228,13 +218,16 @@ def calibrate(rate):
         ref = a.float() @ b.float()
         fl = 2 * M * N * K
         row = {"M": M, "N": N, "K": K, "cublas_ms": bench(lambda: a @ b), "triton": {}}
-        for name, tma, bm, bn, w, st in (("ptr 128x256 w8 s3", False, 128, 256, 8, 3),
-                                          ("tma 128x256 w8 s3", True, 128, 256, 8, 3),
-                                          ("tma 128x256 w8 s4", True, 128, 256, 8, 4),
-                                          ("ptr 128x128 w8 s4", False, 128, 128, 8, 4),
-                                          ("tma 128x128 w8 s4", True, 128, 128, 8, 4)):
+        cands = [(n, (lambda a, b, t=t, bm=bm, bn=bn, w=w, st=st: TG.matmul(a, b, bm, bn, 64, w, st, t)))
+                 for n, t, bm, bn, w, st in (("tma 128x256 w8 s3", True, 128, 256, 8, 3),
+                                             ("tma 128x128 w8 s4", True, 128, 128, 8, 4))]
+        cands += [(n, (lambda a, b, bm=bm, bn=bn, st=st: TG.matmul_ws(a, b, bm, bn, 64, 4, st)))
+                  for n, bm, bn, st in (("ws persistent 128x256 s3", 128, 256, 3),
+                                        ("ws persistent 256x128 s3", 256, 128, 3),
+                                        ("ws persistent 128x128 s4", 128, 128, 4))]
+        for name, mm in cands:
             try:
-                f = lambda: TG.matmul(a, b, bm, bn, 64, w, st, tma)
+                f = lambda: mm(a, b)
                 e = rel(f(), ref)
                 row["triton"][name] = {"ms": bench(f), "err": e}
             except Exception as ex:
@@ -271,7 +264,7 @@ def one_subprocess(out: Path, i: int, label: str, K: int, N: int, tile: int, s: 
     import subprocess
 
     frag = out / f"part{i}.json"
-    for attempt, allowed in enumerate((names, [n for n in names if "persistent" in n and "no split" in n] or
+    for attempt, allowed in enumerate((names, [n for n in names if not n.startswith("fused")] or
                                        [n for n in names if "two launches" in n])):
         cmd = [sys.executable, __file__, "--one", json.dumps([label, K, N, tile, s, frac, rate, bw, allowed]),
                "--out", str(frag)]
@@ -291,7 +284,7 @@ def run(out: Path, frac: float):
     print(f"device {torch.cuda.get_device_name()}, matmul {rate / 1e12:.0f} TFLOP/s bf16, copy {bw / 1e9:.0f} GB/s",
           flush=True)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "rate": rate, "bw": bw, "frac": frac, "persistent_version": 2, "shapes": []}
+           "rate": rate, "bw": bw, "frac": frac, "shapes": []}
     res["calibration"] = calibrate(rate)
     out.mkdir(parents=True, exist_ok=True)
     top = {}
@@ -347,7 +340,7 @@ def report(src: Path, dst: Path):
         "**ideal** = dense time × snapped FLOP fraction (FLOPs-proportional); **floor** = max(FLOPs / matmul "
         "rate, bytes / copy bandwidth) of the two-stage form (x read, h written and read, y written, factors "
         "read). `kernel` is the fastest correct candidate at M = 4096 (table below), also used at M = 2048 "
-        "and 16384; M ≤ 512 runs the fused kernel with small row tiles. `dispatch` is what "
+        "and 16384 (and at M = 512 when it is a ws kernel); M = 16 runs the fused kernel with 16-row tiles. `dispatch` is what "
         "`GBLRLinear.choose_path` picks for inference at that M (`dense` = cuBLAS on the merged weight).",
         "",
         "**Result against the target (≥ 1.8× over dense at M = 4096, ≈ 40% FLOPs): "
@@ -368,10 +361,6 @@ def report(src: Path, dst: Path):
                          f"{r['ideal_ms'] * 1e3:.1f} | {r['floor_ms'] * 1e3:.1f} | {r['tflops']:.0f} | {r['kernel']} | "
                          f"{r['dispatch']} |")
     lines += ["", "## Candidates at M = 4096 (µs; error vs fp32 reference, first call / second call)", ""]
-    if res.get("persistent_version", 1) < 2:
-        lines += ["The `persistent` rows were measured with the first persistent kernel (commit fed17b6), whose "
-                  "flattened loop Triton did not software-pipeline; the kernel has since been rewritten so that "
-                  "it is pipelined, not yet timed (docs/benchmarks/NOTES.md, GBLR section).", ""]
     lines += ["| shape | tile, s | candidate | µs | error | error again |", "|---|---|---|---|---|---|"]
     for sh in res["shapes"]:
         for f in sorted(sh["search"], key=lambda f: f["ms"]):

@@ -288,28 +288,34 @@ def test_fused_kernel_matches_float64_reference(interpret, K, N, s, T, C):
 
 
 @pytest.mark.triton_interpret
-def test_persistent_kernel_matches_float64_reference(interpret):
-    """The persistent one-stage kernel (flattened loop over a program's jobs; long stage-1 jobs split in two,
-    the second half starting from the first's fp32 partial), with an output tile no component covers (bias
-    only), TMA and pointer loads; the split flags are back at zero after every launch."""
-    spec = G.GBLRSpec(160, 96, True, components=3, rank=16, budget=16 * 16 * (8 + 2 + 3 + 1 + 1 + 1), tile=16,
-                      boxes=((2, 8, 0, 2), (9, 3, 4, 1), (0, 1, 5, 1)))      # output tiles 2 and 3 uncovered
+def test_ws_kernel_matches_float64_reference(interpret):
+    """The persistent warp-specialised kernels (the Hopper default): a host-scheduled job list per program,
+    stage 1 wrapping around the input (cyclic box), an output tile no component covers (bias only), a partial
+    row block, several stage-2 row-tile heights; every job is scheduled exactly once."""
+    from structlin.kernels import _gblr_ws as KW
+    spec = G.GBLRSpec(160, 96, True, components=3, rank=32, budget=32 * 16 * (8 + 2 + 3 + 1 + 1 + 1), tile=16,
+                      boxes=((6, 8, 0, 2), (9, 3, 4, 1), (0, 1, 5, 1)))      # output tiles 2 and 3 uncovered
     L = G.GBLRLinear(spec, dtype=f64)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in L.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=f64))
-    L = L.float()
     x = torch.randn(37, 160, dtype=f64)
     ref = x @ L.to_dense().double().T + L.bias.detach().double()
-    for tma, split in ((True, 0.3), (False, 0.0)):
-        s1 = {"BM": 16, "BN": 16, "BK": 16, "TMA": tma, "G": 2, "SPLIT_AT": split}
-        cfg = {"kernel": "persistent", "s1": s1, "s2": {**s1, "BM": 32}}
-        for _ in range(2):
-            y = L.tiles_forward(x.float(), use_triton=True, config=cfg)
-            assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
-    slots = [v[1] for v in L._kcache.values()]
-    assert max(slots) > 0 and all(int(v[3].abs().sum()) == 0 for v in L._kcache.values())
+    L32 = L.float()
+    for cfg in ({"BM1": 16, "BN1": 32, "BM2": 32, "BN2": 16, "BK": 16, "G": 1},
+                {"BM1": 16, "BN1": 16, "BM2": 16, "BN2": 16, "BK": 16, "G": 2}):
+        y = L32.tiles_forward(x.float(), use_triton=True, config={"kernel": "ws", **cfg})
+        assert ((y.double() - ref).norm() / ref.norm()) < 1e-5
+    plans = [v for k, v in L32._kcache.items() if k[0] == "ws"]
+    assert len(plans) == 2
+    for plan in plans:
+        for jobs, jptr, _ in plan["stages"]:
+            assert int(jptr[-1]) == jobs.shape[0] == len({tuple(r) for r in jobs.tolist()})
+    yh = L.to(torch.float16).tiles_forward(x.to(torch.float16), use_triton=True,
+                                           config={"kernel": "ws", "BM1": 16, "BM2": 16, "BK": 16})
+    assert ((yh.double() - ref).norm() / ref.norm()) < 5e-3
+    assert KW.supported(128, 256) and KW.supported(64, 48) is False and KW.supported(96, 64) is False
 
 
 def test_tiles_reference_is_differentiable():

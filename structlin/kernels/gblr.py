@@ -15,10 +15,12 @@ cost follows the number of entries, i.e. the snapped structure.
 * stage 2 (output side): A = h (M × C·s), W = tile, block b = output tile, entries = the components whose
   output box covers the tile (D = s), Bt = the packed output factor, tile-major (s·Σ_k n_out,k × tile).
 
-On CUDA the exported layer runs both stages in one launch (`gblr_forward`, the fused kernel in
-`_gblr_triton`): stage-2 jobs of a row block wait on counters of that row block's stage-1 jobs, so the
-stage-1 tail (components with long input boxes) is filled by stage-2 work; `chunk_gemm` is the one-stage
-building block (and the CPU / torch reference path).
+On Hopper (sm_90+) in fp16/bf16 the exported layer runs the two stages as two persistent, warp-specialised
+launches (`gblr_forward_ws`, `_gblr_ws`): one program per SM walks a host-scheduled job list while a producer
+warp streams the next job's tiles, so the short jobs of a block structure do not each pay a pipeline fill.
+Elsewhere on CUDA it runs both stages in one launch (`gblr_forward`, the fused kernel in `_gblr_triton`):
+stage-2 jobs of a row block wait on counters of that row block's stage-1 jobs. `chunk_gemm` is the
+one-stage building block (and the CPU / torch reference path).
 """
 from __future__ import annotations
 
@@ -98,6 +100,26 @@ def fused_supported(dtype: torch.dtype, tile: int, rank: int) -> bool:
     """Whether the fused two-stage kernel runs a layer: Triton, fp16/bf16/fp32, tile and rank multiples of 16."""
     return HAVE_TRITON and dtype in (torch.float16, torch.bfloat16, torch.float32) and tile % 16 == 0 \
         and rank % 16 == 0
+
+
+def ws_supported(x: torch.Tensor, tile: int, rank: int, n_out: int) -> bool:
+    """Whether the persistent warp-specialised kernel (`_gblr_ws`) runs a layer: Triton, fp16/bf16, and on
+    a GPU only Hopper or newer (TMA descriptors made in the kernel, warp specialisation); tile and rank
+    shapes it takes, and 16-byte aligned rows of x, h and y (TMA)."""
+    if not HAVE_TRITON or x.dtype not in _HALF or x.shape[1] % 8 or n_out % 8:
+        return False
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return importlib.import_module("structlin.kernels._gblr_ws").supported(tile, rank)
+
+
+def gblr_forward_ws(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tabs: dict, tile: int, rank: int,
+                    n_out: int, bias: torch.Tensor | None = None, config: dict | None = None,
+                    cache: dict | None = None) -> torch.Tensor:
+    """Both stages of an exported layer as two persistent, warp-specialised launches (CUDA sm_90+, or CPU
+    under TRITON_INTERPRET=1); the same function as two `chunk_gemm` calls."""
+    return importlib.import_module("structlin.kernels._gblr_ws").gblr_forward_ws(
+        x, w_in, w_out, tabs, tile, rank, n_out, bias, config, cache)
 
 
 def gblr_forward(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, tabs: dict, tile: int, rank: int,

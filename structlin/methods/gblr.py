@@ -41,7 +41,6 @@ best iterate. Budget projection and the structure optimizer group: `structlin.he
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -340,17 +339,27 @@ class GBLRLinear(StructuredLinear):
     def tiles_forward(self, x2: torch.Tensor, use_triton: bool | None = None, configs=(None, None),
                       config: dict | None = None, fused: bool | None = None) -> torch.Tensor:
         """The tile form. Triton (CUDA by default; `use_triton=True` forces it, also under the interpreter):
-        the fused two-stage kernel (`config` = its tiles) unless `fused=False`, which runs two `chunk_gemm`
-        launches (`configs` = their tiles); otherwise the torch reference."""
+        on Hopper in fp16/bf16 the persistent warp-specialised kernels, elsewhere the fused two-stage kernel
+        (`config["kernel"]` = "ws" / "fused" picks one, the rest of `config` = its tiles),
+        unless `fused=False`, which runs two `chunk_gemm` launches (`configs` = their tiles); otherwise the
+        torch reference."""
         s = self.spec
         C = s.components
         if use_triton is None:
             use_triton = x2.is_cuda and K_ops.triton_supported(x2, s.tile, s.rank) and \
                 K_ops.triton_supported(x2, s.rank, s.tile)
-        if use_triton and fused is not False and K_ops.fused_supported(x2.dtype, s.tile, s.rank):
+        if use_triton and fused is not False:
             tabs = {n: getattr(self, n) for n in ("ptr1", "acol1", "brow1", "ptr2", "acol2", "brow2")}
-            return K_ops.gblr_forward(x2, self.w_in, self.w_out, tabs, s.tile, s.rank, s.out_features,
-                                      self.bias, config, self._kcache)
+            cfg = dict(config or {})
+            kind = cfg.pop("kernel", None)
+            if kind is None:
+                kind = "ws" if x2.is_cuda and K_ops.ws_supported(x2, s.tile, s.rank, s.out_features) else "fused"
+            if kind == "ws":
+                return K_ops.gblr_forward_ws(x2, self.w_in, self.w_out, tabs, s.tile, s.rank, s.out_features,
+                                             self.bias, cfg, self._kcache)
+            if K_ops.fused_supported(x2.dtype, s.tile, s.rank):
+                return K_ops.gblr_forward(x2, self.w_in, self.w_out, tabs, s.tile, s.rank, s.out_features,
+                                          self.bias, config, self._kcache)
         h = K_ops.chunk_gemm(x2, self.w_in, self.ptr1, self.acol1, self.brow1, s.tile, C * s.rank,
                              use_triton=use_triton, config=configs[0], affine_width=s.tiles_in * s.tile)
         return K_ops.chunk_gemm(h, self.w_out, self.ptr2, self.acol2, self.brow2, s.rank, s.out_features,

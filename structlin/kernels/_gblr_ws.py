@@ -1,0 +1,193 @@
+"""Persistent, warp-specialised Triton kernel of one GBLR stage (see `structlin.kernels.gblr`).
+
+One program per SM walks a host-made list of jobs; a job is one (BM × BN) output tile, the sum of the
+(BM × BK)·(BK × BN) products of its step list. The job loop is a `tl.range(..., warp_specialize=True)`:
+on Hopper Triton splits the loop into a producer warp that issues the TMA loads of the *next* job's steps
+while the consumer warpgroups finish the current job (its MMAs and its epilogue, a TMA store), so the short
+jobs of a block structure do not each pay a pipeline fill. Imported lazily (Triton is optional).
+
+Tables (int32, runtime arguments — one binary per dtype and tile configuration serves every layer):
+  jobs   (J, 4): row block, step list, B column, output column of every job;
+  jptr   (P + 1,): program p runs jobs jptr[p] .. jptr[p+1]−1 (in that order);
+  sptr   (L + 1,): step list l is steps sptr[l] .. sptr[l+1]−1;
+  steps  (S, 2): A column and B row of every step (B column = the job's).
+"""
+from __future__ import annotations
+
+import heapq
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ws_stage_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, jobs_ptr, jptr_ptr, sptr_ptr, steps_ptr,
+                     M, KA, RB, NB, N_OUT, sam, sbr, scm,
+                     HAS_BIAS: tl.constexpr, WS: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # device-side descriptors: Triton's Hopper warp specialisation splits the tiles between two consumer
+    # warpgroups and re-blocks the descriptors, which it can only do for descriptors made in the kernel
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, KA], strides=[sam, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[RB, NB], strides=[sbr, 1], block_shape=[BK, BN])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N_OUT], strides=[scm, 1], block_shape=[BM, BN])
+    pid = tl.program_id(0)
+    j0 = tl.load(jptr_ptr + pid)
+    j1 = tl.load(jptr_ptr + pid + 1)
+    for j in tl.range(j0, j1, warp_specialize=WS):
+        rb = tl.load(jobs_ptr + 4 * j)
+        lst = tl.load(jobs_ptr + 4 * j + 1)
+        bcol = tl.load(jobs_ptr + 4 * j + 2)
+        ocol = tl.load(jobs_ptr + 4 * j + 3)
+        s0 = tl.load(sptr_ptr + lst)
+        s1 = tl.load(sptr_ptr + lst + 1)
+        row = rb * BM
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for t in range(s0, s1):
+            ac = tl.load(steps_ptr + 2 * t)
+            br = tl.load(steps_ptr + 2 * t + 1)
+            a = a_desc.load([row, ac])
+            b = b_desc.load([br, bcol])
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            cn = ocol + tl.arange(0, BN)
+            acc += tl.load(bias_ptr + cn, mask=cn < N_OUT, other=0.0).to(tl.float32)[None, :]
+        c_desc.store([row, ocol], acc.to(c_desc.dtype))
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ensure_allocator():
+    """Device-side tensor descriptors need global scratch (128 bytes per program) from Triton's allocator: set
+    one unless the caller has (Triton keeps it in a context variable, so this runs on every call)."""
+    from triton.runtime import _allocation as A
+    if A._allocator.get() is A._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
+
+
+def step_lists(tabs: dict, tile: int, rank: int, kp: int, BK: int):
+    """(sptr1, steps1, sptr2, steps2) as python lists: stage 1 has one step list per component (its input
+    tiles, cyclic over kp columns), stage 2 one per output tile (the s/BK steps of every covering entry)."""
+    def build(ptr, acol, brow, depth, wrap):
+        sptr, steps = [0], []
+        for b in range(len(ptr) - 1):
+            for e in range(ptr[b], ptr[b + 1]):
+                for kk in range(0, depth, BK):
+                    c = acol[e] + kk
+                    steps += [c - wrap if wrap and c >= wrap else c, brow[e] + kk]
+            sptr.append(len(steps) // 2)
+        return sptr, steps
+    g = {k: v.tolist() for k, v in tabs.items()}
+    return (*build(g["ptr1"], g["acol1"], g["brow1"], tile, kp), *build(g["ptr2"], g["acol2"], g["brow2"], rank, 0))
+
+
+def schedule(lengths: list[int], rows: list[int], nprog: int, group: int, overhead: float = 2.0):
+    """Greedy list scheduling of jobs onto `nprog` programs: jobs ordered by row-block group (so the
+    programs in flight share rows of A in L2), longest first within a group; each goes to the program free
+    first. Returns (order of jobs per program, flattened; jptr; simulated makespan; makespan / mean load)."""
+    order = sorted(range(len(lengths)), key=lambda j: (rows[j] // group, -lengths[j]))
+    heap = [(0.0, p) for p in range(nprog)]
+    per = [[] for _ in range(nprog)]
+    for j in order:
+        t, p = heapq.heappop(heap)
+        per[p].append(j)
+        heapq.heappush(heap, (t + lengths[j] + overhead, p))
+    loads = [t for t, _ in heap]
+    flat, jptr = [], [0]
+    for p in range(nprog):
+        flat += per[p]
+        jptr.append(len(flat))
+    mean = sum(loads) / nprog
+    return flat, jptr, max(loads), (max(loads) / mean if mean else 1.0)
+
+
+def _pow2_dividing(n: int, cap: int) -> int:
+    p = 16
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def supported(tile: int, rank: int) -> bool:
+    """Tile shapes this kernel can take: the output tile a power of two in [16, 256] (it is stage 2's BN),
+    the rank a power of two ≥ 16 or a multiple of 256 (stage 1's BN = min(256, s) divides it)."""
+    pow2 = lambda v: v >= 16 and v & (v - 1) == 0
+    return pow2(tile) and tile <= 256 and (pow2(rank) or rank % 256 == 0)
+
+
+def ws_config(M: int, tile: int, rank: int) -> dict:
+    """Tiles: stage 1 128 × min(256, s) (one job covers a component's whole rank), stage 2 256 × the output
+    tile (BN = tile ≤ 256), BK 64; 4 warps per partition (Triton's Hopper warp specialisation makes a
+    producer warp and two consumer warpgroups of them); 3 load stages; row-block groups of 16 × 128 rows."""
+    return {"BM1": 128, "BN1": min(256, rank), "BM2": 256 if tile <= 128 else 128, "BN2": tile,
+            "BK": min(_pow2_dividing(tile, 64), _pow2_dividing(rank, 64)),
+            "num_warps": 4, "num_stages": 3, "G": 16, "WS": True}
+
+
+def _jobs(M, BM, BN, sptr, ocols, nsub):
+    jobs, lens, rows = [], [], []
+    for rb in range(triton.cdiv(M, BM)):
+        for lst in range(len(sptr) - 1):
+            for sub in range(nsub):
+                jobs.append((rb, lst, sub * BN, ocols[lst] + sub * BN))
+                lens.append(sptr[lst + 1] - sptr[lst])
+                rows.append(rb)
+    return jobs, lens, rows
+
+
+def _plan(M, tabs, tile, rank, kp, cfg, nprog, device):
+    """Job tables and per-program job lists of both stages (cached per layer and M by the caller)."""
+    BM1, BN1, BM2, BN2, BK = cfg["BM1"], cfg["BN1"], cfg["BM2"], cfg["BN2"], cfg["BK"]
+    sp1, st1, sp2, st2 = step_lists(tabs, tile, rank, kp, BK)
+    t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)
+    stages = []
+    for BM, BN, sptr, ocols, nsub in ((BM1, BN1, sp1, [k * rank for k in range(len(sp1) - 1)], rank // BN1),
+                                      (BM2, BN2, sp2, [j * tile for j in range(len(sp2) - 1)], 1)):
+        jobs, lens, rows = _jobs(M, BM, BN, sptr, ocols, nsub)
+        order, jptr, _, bal = schedule(lens, rows, nprog, max(1, cfg["G"] * 128 // BM))
+        stages.append((t([jobs[j] for j in order]).reshape(-1, 4), t(jptr), bal))
+    return {"stages": stages, "lists": (t(sp1), t(st1), t(sp2), t(st2))}
+
+
+def gblr_forward_ws(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int, bias=None, config=None,
+                    cache: dict | None = None, nprog: int | None = None):
+    """Both stages of an exported layer as two persistent launches (h rounded to x's dtype in between)."""
+    M, K = x.shape
+    T, S = tile, rank
+    y = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    cfg = dict(ws_config(M, T, S))
+    cfg.update(config or {})
+    if S % cfg["BN1"] or T % cfg["BK"] or S % cfg["BK"] or cfg["BN2"] != T:
+        raise ValueError(f"gblr_forward_ws: tiles {cfg} do not fit tile {T} / rank {S}")
+    if nprog is None:
+        nprog = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    kp = triton.cdiv(K, T) * T
+    key = ("ws", M, nprog, repr(sorted(cfg.items())), x.device)
+    ent = None if cache is None else cache.get(key)
+    if ent is None:
+        ent = _plan(M, tabs, T, S, kp, cfg, nprog, x.device)
+        if cache is not None:
+            cache[key] = ent
+    (j1, p1, _), (j2, p2, _) = ent["stages"]
+    sp1, st1, sp2, st2 = ent["lists"]
+    HC = (tabs["ptr1"].numel() - 1) * S
+    x = x.contiguous()
+    h = torch.empty(M, HC, dtype=x.dtype, device=x.device)
+    BM1, BN1, BM2, BN2, BK = cfg["BM1"], cfg["BN1"], cfg["BM2"], cfg["BN2"], cfg["BK"]
+    kw = dict(WS=bool(cfg["WS"]), IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
+              num_stages=cfg["num_stages"])
+    _ensure_allocator()
+    _ws_stage_kernel[(nprog,)](x, w_in, h, h, j1, p1, sp1, st1, M, K, w_in.shape[0], S, HC,
+                               x.stride(0), w_in.stride(0), h.stride(0),
+                               HAS_BIAS=False, BM=BM1, BN=BN1, BK=BK, **kw)
+    _ws_stage_kernel[(nprog,)](h, w_out, y, bias if bias is not None else y, j2, p2, sp2, st2,
+                               M, HC, w_out.shape[0], T, n_out, h.stride(0), w_out.stride(0), y.stride(0),
+                               HAS_BIAS=bias is not None, BM=BM2, BN=BN2, BK=BK, **kw)
+    return y
