@@ -2,6 +2,7 @@
 bf16, with cuBLAS dense and the ideal (cuBLAS GEMM of depth Kc = K/r) timed in the same run.
 
     python benchmarks/ss1_probe.py --out DIR        # writes DIR/probe.json, prints the tables
+    python benchmarks/ss1_probe.py --out DIR --parts decode16   # 2 ≤ M ≤ 16: the sketch-once kernels (session 5)
 
 Decode (M = 1, 16): per variant two timings, both CUDA-graph replays (`do_bench` median, L2 flushed per replay):
   `one` = a graph holding one call (what benchmarks/ss1_layer.py times; includes the ~5 µs replay floor),
@@ -100,6 +101,71 @@ def decode(res, chain=8):
                     f"{dc/t['sk+gemv.chain']:.2f}x loop {dc/t['loop.chain']:.2f}x | decode {t['decode.chain']*1e3:.1f}us = "
                     f"{2*N*kc/t['decode.chain']/1e6:.0f} GB/s weight, ideal {2*N*kc/t['ideal.chain']/1e6:.0f}, dense "
                     f"{2*N*K/t['dense.chain']/1e6:.0f} | err {e_dec:.1e}/{e_loop:.1e}/{e_sg:.1e}/{e_sk:.1e} | {cfg}")
+        del Wd
+
+
+def decode16(res, chain=8, ms=(2, 16)):
+    """2 ≤ M ≤ 16: the sketch-once kernels (kernels/_ss1_triton.tied_sk16) against sketch + cuBLAS, dense and the
+    ideal: `one` = one launch (tickets), `pdl` = sketch then GEMM under programmatic dependent launch, `sk+tg` =
+    the same two kernels without PDL (each picks the fastest tile: K-loop or one-shot split-K GEMM body).
+    Errors vs float64; `det` = two calls bitwise equal; the spin-limit flag."""
+    dev, dt = "cuda", torch.bfloat16
+    tm = ops.triton_module()
+    cfg = dict(BN=32, BC=256, SBC=256, PREF=1024, num_warps=4)
+    shot = dict(BN=16, BC=512, SBC=256, SHOT=True, num_warps=4)   # split-K over 2–9 chunks here
+    for (K, N, r, M) in [(1000, 300, 4, 5), (4100, 777, 2, 16), (333, 64, 8, 3)]:   # odd shapes, every dtype
+        L = ss1.SS1Linear(ss1.SS1Spec(K, N, True, r=r), dtype=torch.float64, device=dev)
+        for d in (torch.float32, torch.bfloat16) + ((torch.float16,) if r == 4 else ()):
+            x = torch.randn(M, K, device=dev, dtype=d)
+            ref = x.double() @ L.to_dense().T.double() + L.bias.double()
+            e = {m + ("/shot" if c.get("SHOT") else "/loop"): rel(tm.tied_sk16(x, L.rot_tied, L.weight.to(d),
+                                                                             L.bias.to(d), L.spec.bk, m, c), ref)
+                 for m in ("one", "pdl") for c in (cfg, shot)}
+            log(f"ODD K={K} N={N} r={r} M={M} {d} err {e} timeouts {tm.sk16_timeouts()}")
+            res.append(dict(part="odd", K=K, N=N, r=r, M=M, dtype=str(d), err=e))
+    for name, (K, N) in SH.items():
+        gen = torch.Generator(device=dev).manual_seed(0)
+        Wd = [torch.randn(N, K, device=dev, dtype=dt, generator=gen) * K ** -0.5 for _ in range(chain)]
+        X = torch.randn(16, K, device=dev, dtype=dt, generator=gen)
+        for r in (2, 4, 8):
+            L = ss1.SS1Linear(ss1.SS1Spec(K, N, False, r=r), dtype=dt, device=dev)
+            rot, bk, kc = L.rot_tied, L.spec.bk, L.spec.buckets
+            W0 = [torch.randn(N, kc, device=dev, dtype=dt, generator=gen) * kc ** -0.5 for _ in range(chain)]
+            b = None   # no bias, as in benchmarks/ss1_layer.py (the same compiled kernels serve both)
+            for M in ms:
+                x = X[:M].contiguous()
+                xs = torch.randn(M, kc, device=dev, dtype=dt, generator=gen)
+                ref = x.double() @ W0[0].double()[:, L.bucket.long()].T
+                fns = {
+                    "dense": lambda w, i: F.linear(x, Wd[i], b),
+                    "ideal": lambda w, i: F.linear(xs, w, b),
+                    "sk+gemm": lambda w, i: F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), w, b),
+                    "one": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "one"),
+                    "sk+tg": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "gemm",
+                                                       u=ops.ss1_tied_sketch(x, rot, bk, kc)),
+                    "pdl": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "pdl"),
+                }
+                t, err = {}, {}
+                for k, f in fns.items():
+                    try:
+                        if k not in ("dense", "ideal"):
+                            err[k] = rel(f(W0[0], 0), ref)
+                        t[k + ".one"] = T(lambda: f(W0[0], 0))
+                        t[k + ".chain"] = T(lambda: [f(W0[i], i) for i in range(chain)]) / chain
+                    except Exception as e:  # noqa: BLE001 — a probe: record and go on
+                        log(f"  {k} failed: {e!r}"[:400])
+                        t[k + ".one"] = t[k + ".chain"] = float("nan")
+                det = bool(torch.equal(tm.tied_sk16(x, rot, W0[0], b, bk, "one"), tm.tied_sk16(x, rot, W0[0], b, bk, "one")))
+                flag = tm.sk16_timeouts()
+                cfg = {str(k): str(v) for k, v in tm._SK16_PICK.items() if k[2] == N and k[3] == kc and k[1] == tm._mb(M)}
+                res.append(dict(part="decode16", shape=name, K=K, N=N, r=r, M=M, kc=kc, err=err, det=det,
+                                timeouts=flag, cfg=cfg, **t))
+                d1, dc = t["dense.one"], t["dense.chain"]
+                log(f"D16 {name:5s} r={r} M={M:2d} | one: dense {d1*1e3:5.1f}us " + " ".join(
+                    f"{k} {d1 / t[k + '.one']:.2f}x" for k in fns if k != "dense") + f" | chain: dense {dc*1e3:5.1f}us "
+                    + " ".join(f"{k} {dc / t[k + '.chain']:.2f}x" for k in fns if k != "dense")
+                    + f" | us chain: " + " ".join(f"{k} {t[k + '.chain']*1e3:.1f}" for k in fns)
+                    + " | err " + " ".join(f"{k} {v:.1e}" for k, v in err.items()) + f" | det {det} timeouts {flag} | {cfg}")
         del Wd
 
 
@@ -207,7 +273,7 @@ def main():
     t0 = time.time()
     for p in a.parts:
         try:
-            {"decode": decode, "forward": forward, "sketch_bw": sketch_bw}[p](res)
+            {"decode": decode, "decode16": decode16, "forward": forward, "sketch_bw": sketch_bw}[p](res)
         finally:
             (out / "probe.json").write_text(json.dumps(res, indent=1))
             (out / "probe.log").write_text("\n".join(LOG))

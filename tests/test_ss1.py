@@ -415,6 +415,28 @@ def test_tied_one_launch_kernels(interpret, dtype, tol, K, r, bk):
     assert rel(tm.tied_gemv1(u[:1], zero, W, None, bk, BN=4), u[:1].double() @ W.double().T) <= tol
 
 
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
+def test_tied_sketch_once_kernel(interpret, dtype, tol):
+    """The 2 ≤ M ≤ 16 sketch-once kernel (tied_sk16): one launch (ticket roles, u built once, counters reset
+    after each call), and the GEMM alone on a given sketch, on odd shapes (K not a multiple of BK·r, N and Kc
+    tails) against float64; two calls bitwise equal (deterministic)."""
+    tm = ops.triton_module()
+    g = torch.Generator().manual_seed(5)
+    for K, N, r, bk, M in [(200, 37, 2, 32, 5), (300, 23, 4, 16, 16), (133, 19, 8, 8, 2)]:
+        L = layer(K, N, r, "tied", bk=bk)
+        W, b, rot = L.weight.detach().to(dtype), L.bias.detach().to(dtype), L.rot_tied
+        x = torch.randn(M, K, generator=g).to(dtype)
+        ref = x.double() @ W.double()[:, L.bucket.long()].T + b.double()
+        y = tm.tied_sk16(x, rot, W, b, bk, "one")
+        assert rel(y, ref) <= tol, (K, r, M)
+        assert torch.equal(tm.tied_sk16(x, rot, W, b, bk, "one"), y)
+        assert rel(tm.tied_sk16(x, rot, W, b, bk, "one", dict(BN=8, BC=32, SBC=32)), ref) <= tol
+        u = ops.ss1_tied_sketch(x, rot, bk, L.spec.buckets)
+        assert rel(tm.tied_sk16(x, rot, W, None, bk, "gemm", u=u), ref - b.double()) <= tol
+    assert tm.sk16_timeouts("cpu") == 0 and not tm._sk16_sync("cpu")[:3].any()
+
+
 def test_decode_rule():
     """The one-shot decode path is offered at M = 1 only (the K-looped kernel loses to sketch + cuBLAS at M = 16
     on every measured shape), never for training, and never past the one-shot kernel's Kc limit."""
@@ -422,5 +444,7 @@ def test_decode_rule():
     assert ss1.path_rule(up, 1, True, weight_grad=False, any_grad=False) == "decode"
     assert ss1.path_rule(up, 16, True, weight_grad=False, any_grad=False) == "sketch"
     assert ss1.path_rule(up, 1, True, weight_grad=False, any_grad=True) == "sketch"
+    # narrow outputs: cuBLAS's small-M GEMM is short of tiles there, the sketch path wins (measured, gpt2.fc2)
+    assert ss1.path_rule(ss1.SS1Spec(3072, 768, False, r=4), 16, True, weight_grad=False, any_grad=False) == "sketch"
     wide = ss1.SS1Spec(2 * ops.GEMV1_MAX_KC * 2, 64, False, r=2)
     assert ss1.path_rule(wide, 1, True, weight_grad=False, any_grad=False) != "decode"

@@ -447,3 +447,291 @@ def tied_decode(x, rot, weight, bias, bk):
     """y (M × N) = sketch(x) weightᵀ + bias in one launch; M ≤ 16 (one row tile)."""
     assert x.shape[0] <= 16
     return tied_mm(x, rot, weight, bias, bk)
+
+
+# ----------------------------------------------------------------------------- decode 2 ≤ M ≤ 16: sketch once, then GEMM
+#
+# sketch + cuBLAS pays two kernels' fixed cost (launch + first-byte latency + tail, ~2 µs each back to back);
+# the K-looped fused kernel rebuilds u = x S per program (M·r/BN × the weight in L2 traffic). The kernel below
+# builds u once per call and removes the second launch's fixed cost, in one of two ways (MODE):
+#   1  one launch: every program draws a ticket (atomic counter); tickets < S build u (S column chunks, all M
+#      rows, stored to a small u buffer in x's dtype — the same rounding as the two-pass path) and release a
+#      `ready` counter; the other programs prefetch their first PREF weight columns into L2, spin (acquire) until
+#      ready == S, then run the GEMM on u. Roles come from tickets, not program ids, so every sketch program is
+#      already running when a GEMM program waits (no deadlock whatever the block scheduling order). The last
+#      GEMM program past the wait resets the counters (the next call starts from zero).
+#   3 + 2  programmatic dependent launch: MODE 3 = the sketch alone (calls griddepcontrol.launch_dependents
+#      first), MODE 2 = the GEMM launched with launch_pdl=True: it prefetches its weight into L2, then waits in
+#      griddepcontrol.wait for the sketch grid to complete.
+#   0  the GEMM alone on a given u (no synchronisation).
+# fp32 accumulation, fixed summation order, no split-K: deterministic. M ≤ 16 rows in one 16-row tile.
+
+@triton.jit
+def _l2_prefetch(ptrs):
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _sk16_sketch(x_ptr, rot_ptr, u_ptr, M, K, KC, sxm, pid, R: tl.constexpr, EVEN_K: tl.constexpr,
+                 BK: tl.constexpr, VEC: tl.constexpr, SBC: tl.constexpr):
+    rm = tl.arange(0, 16)
+    mm = rm < M
+    rk = pid * SBC + tl.arange(0, SBC)
+    rk = tl.max_contiguous(tl.multiple_of(rk, SBC), SBC)
+    mk = rk < KC
+    xrow = x_ptr + rm.to(tl.int64)[:, None] * sxm
+    acc = tl.zeros((16, SBC), dtype=tl.float32)
+    for c in tl.static_range(R):
+        col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
+        if EVEN_K:
+            msk = mm[:, None] & mk[None, :]
+        else:
+            msk = mm[:, None] & (mk & (col < K))[None, :]
+        acc += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
+    tl.store(u_ptr + rm[:, None] * KC + rk[None, :], acc.to(u_ptr.dtype.element_ty), mask=mm[:, None] & mk[None, :])
+
+
+@triton.jit
+def _sk16_gemm(u_ptr, w_ptr, b_ptr, y_ptr, sync_ptr, M, N, KC, swn, sym, S, G, pid, MODE: tl.constexpr,
+               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_KC: tl.constexpr, BN: tl.constexpr,
+               BC: tl.constexpr, PREF: tl.constexpr, LINE: tl.constexpr):
+    rm = tl.arange(0, 16)
+    mm = rm < M
+    rn = pid * BN + tl.arange(0, BN)
+    mn = rn < N
+    wrow = w_ptr + rn.to(tl.int64)[:, None] * swn
+    urow = u_ptr + rm[:, None] * KC
+    # register double-buffering: tile k + 1 is loaded before tile k's dot (the loop is not software-pipelined
+    # by Triton here); the first weight tile is loaded before the wait, it does not depend on u
+    rk = tl.max_contiguous(tl.multiple_of(tl.arange(0, BC), BC), BC)
+    if EVEN_KC:
+        w_nx = tl.load(wrow + rk[None, :], mask=tl.broadcast_to(mn[:, None], (BN, BC)), other=0.0)
+    else:
+        w_nx = tl.load(wrow + rk[None, :], mask=mn[:, None] & (rk < KC)[None, :], other=0.0)
+    if PREF > 0:   # the next PREF weight columns of this program's rows, into L2, while u is being built
+        rl = tl.minimum(BC + tl.arange(0, PREF // LINE) * LINE, KC - 1)
+        _l2_prefetch(w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * swn + rl[None, :])
+    _sk16_wait(sync_ptr, S, G, MODE)
+    a_nx = tl.load(urow + rk[None, :], mask=mm[:, None] & (rk < KC)[None, :], other=0.0, cache_modifier=".cg")
+    acc = tl.zeros((16, BN), dtype=tl.float32)
+    for k0 in range(0, KC, BC):
+        w = w_nx
+        a = a_nx
+        rk = k0 + BC + tl.arange(0, BC)
+        rk = tl.max_contiguous(tl.multiple_of(rk, BC), BC)
+        mk = rk < KC
+        w_nx = tl.load(wrow + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+        a_nx = tl.load(urow + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0, cache_modifier=".cg")
+        if IEEE:
+            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(a.to(w.dtype), tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _sk16_wait(sync_ptr, S, G, MODE: tl.constexpr):
+    if MODE == 1:
+        ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        spins = 0
+        while (ready < S) & (spins < 20000000):
+            ready = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+            spins += 1
+        if ready < S:   # never expected: flag it for the host instead of hanging the GPU
+            tl.atomic_xchg(sync_ptr + 3, 1)
+        done = tl.atomic_add(sync_ptr + 2, 1, sem="relaxed")
+        if done == G - 1:   # every ticket drawn and every GEMM program past the wait: reset for the next call
+            tl.atomic_xchg(sync_ptr, 0)
+            tl.atomic_xchg(sync_ptr + 1, 0)
+            tl.atomic_xchg(sync_ptr + 2, 0)
+    if MODE == 2:
+        tl.extra.cuda.gdc_wait()
+
+
+@triton.jit
+def _sk16_gemm_shot(u_ptr, w_ptr, b_ptr, y_ptr, sync_ptr, ws_ptr, cnt_ptr, M, N, KC, swn, sym, S, G, SPLIT, pid,
+                    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, EVEN_KC: tl.constexpr,
+                    BN: tl.constexpr, BC: tl.constexpr):
+    """One-shot form: program (column block nb, K chunk ks) loads its whole BN × BC weight block at once, before
+    the wait (all its bytes in flight together, like the M = 1 kernel), then one BC-deep dot with u's chunk.
+    SPLIT > 1: fp32 partials to `ws`; the last program of a column block (per-block counter, acq_rel) sums
+    them in chunk order 0..SPLIT-1 (deterministic whoever arrives last) and resets the counter."""
+    nb = pid // SPLIT
+    ks = pid % SPLIT
+    rm = tl.arange(0, 16)
+    mm = rm < M
+    rn = nb * BN + tl.arange(0, BN)
+    mn = rn < N
+    rk = ks * BC + tl.arange(0, BC)
+    rk = tl.max_contiguous(tl.multiple_of(rk, BC), BC)
+    mk = rk < KC
+    if EVEN_KC:
+        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * swn + rk[None, :],
+                    mask=tl.broadcast_to(mn[:, None], (BN, BC)), other=0.0)
+    else:
+        w = tl.load(w_ptr + rn.to(tl.int64)[:, None] * swn + rk[None, :], mask=mn[:, None] & mk[None, :], other=0.0)
+    _sk16_wait(sync_ptr, S, G, MODE)
+    a = tl.load(u_ptr + rm[:, None] * KC + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0,
+                cache_modifier=".cg")
+    if IEEE:
+        acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(w.dtype), tl.trans(w))
+    ymask = mm[:, None] & mn[None, :]
+    if SPLIT > 1:
+        tile = rm[:, None] * N + rn[None, :]
+        tl.store(ws_ptr + ks * 16 * N + tile, acc, mask=ymask)
+        tl.debug_barrier()
+        old = tl.atomic_add(cnt_ptr + nb, 1, sem="acq_rel")
+        if old == SPLIT - 1:
+            acc = tl.zeros((16, BN), dtype=tl.float32)
+            for j in range(0, SPLIT):
+                acc += tl.load(ws_ptr + j * 16 * N + tile, mask=ymask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+            tl.atomic_xchg(cnt_ptr + nb, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm.to(tl.int64)[:, None] * sym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+
+@triton.jit
+def _tied_sk16_kernel(x_ptr, rot_ptr, u_ptr, w_ptr, b_ptr, y_ptr, sync_ptr, ws_ptr, cnt_ptr, M, N, K, KC, sxm, swn,
+                      sym, S, G, SPLIT, MB, R: tl.constexpr, MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      IEEE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KC: tl.constexpr, BK: tl.constexpr,
+                      VEC: tl.constexpr, LINE: tl.constexpr, SBC: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+                      PREF: tl.constexpr, SHOT: tl.constexpr):
+    """y = sketch(x) W0ᵀ (+ b) for M ≤ 16; MODE as described above; SHOT: the one-shot split-K GEMM body
+    (_sk16_gemm_shot) instead of the K loop (_sk16_gemm)."""
+    if MODE == 3:
+        tl.extra.cuda.gdc_launch_dependents()
+        _sk16_sketch(x_ptr, rot_ptr, u_ptr, M, K, KC, sxm, tl.program_id(0), R, EVEN_K, BK, VEC, SBC)
+    else:
+        if MODE == 1:
+            t = tl.atomic_add(sync_ptr, 1, sem="relaxed")
+        else:
+            t = tl.program_id(0) + S
+        if t < S:
+            _sk16_sketch(x_ptr, rot_ptr, u_ptr, M, K, KC, sxm, t, R, EVEN_K, BK, VEC, SBC)
+            tl.debug_barrier()   # every thread's u stores before the release below
+            tl.atomic_add(sync_ptr + 1, 1, sem="release")
+        elif SHOT:
+            _sk16_gemm_shot(u_ptr, w_ptr, b_ptr, y_ptr, sync_ptr, ws_ptr, cnt_ptr, M, N, KC, swn, sym, S, G, SPLIT,
+                            t - S, MODE, HAS_BIAS, IEEE, EVEN_KC, BN, BC)
+        else:
+            _sk16_gemm(u_ptr, w_ptr, b_ptr, y_ptr, sync_ptr, M, N, KC, swn, sym, S, G, t - S, MODE, HAS_BIAS,
+                       IEEE, EVEN_KC, BN, BC, PREF, LINE)
+
+
+def _sk16_config(bn, bc, pref, w=4, shot=False, sbc=256):
+    return triton.Config({"BN": bn, "BC": bc, "SBC": sbc, "PREF": pref, "SHOT": shot}, num_warps=w, num_stages=1)
+
+
+# K-loop body: N / BN programs over the whole Kc. One-shot body (SHOT): (N / BN) × (Kc / BC) programs, each with
+# its whole BN × BC weight block in flight at once (BC = the K chunk), deterministic split-K reduction.
+_SK16_CONFIGS = [_sk16_config(*c) for c in
+                 [(32, 256, 1024), (16, 512, 2048),
+                  (16, 512, 0, 4, True), (16, 1024, 0, 4, True), (32, 512, 0, 4, True), (16, 2048, 0, 8, True),
+                  (32, 1024, 0, 8, True)]]
+_SK16_SYNC: dict = {}
+
+
+def _sk16_sync(dev):
+    """The counters of the one-launch form (ticket, ready, done, timeout flag) then one split-K counter per
+    column block, one set per (device, stream): calls on one stream run one after another, so they share it."""
+    dev = torch.device(dev)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (dev, torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0)
+    s = _SK16_SYNC.get(key)
+    if s is None:
+        s = _SK16_SYNC[key] = torch.zeros(4 + 65536, dtype=torch.int32, device=dev)
+    return s
+
+
+def _sk16_pdl_ok():
+    try:
+        return torch.cuda.get_device_capability()[0] >= 9 and hasattr(tl.extra.cuda, "gdc_wait")
+    except Exception:   # noqa: BLE001
+        return False
+
+
+def tied_sk16(x, rot, weight, bias, bk, mode="one", config=None, u=None):
+    """y (M × N) = sketch(x) weightᵀ + bias for M ≤ 16. mode "one": one launch (tickets; see above); "pdl": the
+    sketch then the GEMM under programmatic dependent launch (CUDA, sm_90+); "gemm": the GEMM alone on the
+    given sketch `u` (M × Kc); "auto": the faster of "one" and "pdl", timed once per shape. `config` (BN, BC, SBC, PREF, num_warps, num_stages) bypasses the tile choice."""
+    M, K = x.shape
+    N, kc = weight.shape
+    R = rot.shape[0]
+    assert M <= 16 and weight.stride(1) == 1 and x.stride(1) == 1
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if u is None:
+        u = torch.empty(M, kc, dtype=x.dtype, device=x.device)
+    cuda = x.is_cuda
+    sync = _sk16_sync(x.device)
+    meta = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32 or not cuda, EVEN_K=K == kc * R,
+                BK=bk, VEC=tied_vec(rot, bk), LINE=128 // x.element_size())
+    if not cuda:   # interpreter: small tiles, no inline PTX (PREF = 0)
+        config = {"BN": 16, "BC": 16, "SBC": 16, "SHOT": False, **(config or {}), "PREF": 0}
+    if config is None and cuda:
+        mode, config = _sk16_pick(mode, x, rot, weight, bias, bk, u)
+    elif mode == "auto":
+        mode = "one"
+    c = {"SHOT": False, "PREF": 0, **config}
+    opts = {k: c.pop(k) for k in ("num_warps", "num_stages") if k in c}
+    split = triton.cdiv(kc, c["BC"]) if c["SHOT"] else 1
+    S, G = triton.cdiv(kc, c["SBC"]), triton.cdiv(N, c["BN"]) * split
+    assert triton.cdiv(N, c["BN"]) <= sync.numel() - 4, "more column blocks than split-K counters"
+    ws = torch.empty(split, 16, N, dtype=torch.float32, device=x.device) if split > 1 else y
+
+    def launch(mode_id, grid, S, **extra):
+        _tied_sk16_kernel[(grid,)](x, rot, u, weight, bias if bias is not None else weight, y, sync, ws, sync[4:],
+                                   M, N, K, kc, x.stride(0), weight.stride(0), y.stride(0), S, G, split, _mb(M), R,
+                                   MODE=mode_id, **meta, EVEN_KC=kc % c["BC"] == 0, **c, **opts, **extra)
+    if mode == "one":
+        launch(1, S + G, S)
+    elif mode == "pdl":   # the sketch grid's GEMM-tile constexprs are unused: fixed, so it compiles once per R
+        _tied_sk16_kernel[(S,)](x, rot, u, weight, weight, y, sync, ws, sync[4:], M, N, K, kc, x.stride(0),
+                                weight.stride(0), y.stride(0), S, G, split, _mb(M), R, MODE=3, **meta, EVEN_KC=True,
+                                SBC=c["SBC"], BN=16, BC=16, PREF=0, SHOT=False, num_warps=4, num_stages=1)
+        launch(2, G, 0, launch_pdl=True)
+    else:
+        launch(0, G, 0)
+    return y
+
+
+def sk16_timeouts(dev=None) -> int:
+    """How many one-launch calls hit the spin limit so far on this stream (0 = all synchronised; a test hook)."""
+    return int(_sk16_sync(dev or "cuda").cpu()[3])
+
+
+_SK16_PICK: dict = {}
+
+
+def _sk16_pick(mode, x, rot, weight, bias, bk, u):
+    """(mode, tile) choice per (mode, M pow2, N, Kc, K, R, dtype, bias), timed once (short runs, median); cached.
+    mode "auto" tries "one" and (sm_90+) "pdl". The choice never changes the result beyond fp32 summation order."""
+    M, K = x.shape
+    N, kc = weight.shape
+    key = (mode, _mb(M), N, kc, K, rot.shape[0], x.dtype, bias is not None)
+    best = _SK16_PICK.get(key)
+    if best is None:
+        modes = [mode] if mode != "auto" else ["one"] + (["pdl"] if _sk16_pdl_ok() else [])
+        times = []
+        for md in modes:
+            for c in _SK16_CONFIGS:
+                cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                try:
+                    t = _quick_bench(lambda: tied_sk16(x, rot, weight, bias, bk, md, cfg, u))
+                except Exception:   # noqa: BLE001 — a configuration that does not compile or fit: skip it
+                    t = float("inf")
+                times.append((t, md, cfg))
+        t, md, cfg = min(times, key=lambda tc: tc[0])
+        best = _SK16_PICK[key] = (md, cfg)
+    return best

@@ -245,7 +245,9 @@ ss1_tied_sketch_t.register_autograd(_tied_sketch_t_bwd, setup_context=_tied_ctx)
 def ss1_tied_decode(x: torch.Tensor, rot: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     bk: int) -> torch.Tensor:
     """y = sketch(x) weightᵀ + bias in one launch (inference: no autograd formula). The sketch is summed in
-    the A-operand load; M ≤ 16 runs the GEMV configurations (decode), larger M the tiled fused GEMM."""
+    the A-operand load; M ≤ 16 runs the GEMV configurations (decode), larger M the tiled fused GEMM. (The
+    sketch-once kernels for 2 ≤ M ≤ 16, `_ss1_triton.tied_sk16`, measured slower than sketch + cuBLAS on the
+    H100: not routed here; see docs/benchmarks/NOTES.md.)"""
     if _use_tied_triton(x, rot):
         return triton_module().tied_mm(x, rot, weight, bias, bk)
     return tied_mm_ref(x, rot, weight, bias, bk)

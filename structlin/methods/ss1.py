@@ -32,7 +32,8 @@ Execution paths (``SS1Linear.forward``; the one taken is recorded in ``layer.las
 * ``decode``  tied, inference, M ≤ 16 on CUDA: one Triton launch, the sketch folded into the A-operand load.
               M = 1 runs a one-shot GEMV (each program builds the whole sketch of x from L2 and loads its rows
               of W0 at once: weight streaming at ~3 TB/s); 2 ≤ M ≤ 16 a K-looped kernel with 16 padded rows
-              (slower than sketch + cuBLAS at M = 16, so the rule offers `decode` at M = 1 only).
+              (slower than sketch + cuBLAS at M = 16, so the rule offers `decode` at M = 1 only; so were the
+              session-5 sketch-once kernels `tied_sk16`, one launch or two under PDL, see NOTES.md).
 * ``dense``   inference (no gradient wanted for weight/bias) where SS1 would be slower than dense: a cuBLAS GEMM
               with the merged weight W = W0 Sᵀ (N × K), materialised once per (device, dtype) and rebuilt
               when weight/bucket/scale change (keyed on their `_version` and storage). Costs N·K extra memory
@@ -284,14 +285,18 @@ PATHS = ("sketch", "decode", "dense", "gather", "fused")
 # (CUDA-graph GPU times, one call per replay, see docs/benchmarks/NOTES.md): effective cuBLAS rate and operand
 # bandwidth, the tied sketch kernel's bandwidth, a fixed cost per launch, and for the one-shot M = 1 decode
 # kernel (fused sketch + GEMV) its weight-streaming bandwidth, fixed cost, and a term per r·K (each program
-# rebuilds the whole sketch of x from L2 in its critical path). Only ratios matter.
-COST = dict(flops=700e12, gemm_bw=2.2e12, launch=6.3e-3, sketch_bw=2.7e12, sketch_launch=2.8e-3,
-            decode_bw=3.05e12, decode_launch=7.0e-3, decode_per_rk=1.67e-8)
+# rebuilds the whole sketch of x from L2 in its critical path). n_sat: below N = 1536 output columns cuBLAS's
+# bandwidth falls in proportion to N (too few tiles; gpt2.fc2 / bert fc2 at M ≤ 256). Session 5 refit
+# (n_sat, sketch_launch 2.8 → 2.0 µs) on the session-4 grid: 12 → 3 of 105 rows off the fastest path, worst
+# 1.24× → 1.025× slower than the fastest. Only ratios matter.
+COST = dict(flops=700e12, gemm_bw=2.2e12, launch=6.3e-3, sketch_bw=2.7e12, sketch_launch=2.0e-3,
+            decode_bw=3.05e12, decode_launch=7.0e-3, decode_per_rk=1.67e-8, n_sat=1536)
 
 
 def cost_ms(path: str, M: int, K: int, N: int, kc: int, c=COST) -> float:
-    def gemm(k):
-        return max(2 * M * N * k / c["flops"], 2 * (M * k + N * k + M * N) / c["gemm_bw"]) * 1e3 + c["launch"]
+    def gemm(k):   # narrow outputs (N < n_sat) leave cuBLAS's small-M kernels short of tiles: less bandwidth
+        bw = c["gemm_bw"] * min(1.0, N / c["n_sat"]) if c.get("n_sat") else c["gemm_bw"]
+        return max(2 * M * N * k / c["flops"], 2 * (M * k + N * k + M * N) / bw) * 1e3 + c["launch"]
     if path == "dense":
         return gemm(K)
     if path == "sketch":
