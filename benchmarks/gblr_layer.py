@@ -102,9 +102,9 @@ OLD_CFGS = {128: ({"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages":
 # there); "fused": one launch, stage-2 jobs wait on per-row-block counters of stage 1 (the default before).
 SEARCH = [
     ("ws 128x256 / 256x128", {"kernel": "ws"}),
-    ("ws, row groups of 8", {"kernel": "ws", "G": 8}),
     ("ws, 2 load stages", {"kernel": "ws", "num_stages": 2}),
     ("ws, stage 2 128x128", {"kernel": "ws", "BM2": 128}),
+    ("ws, row groups of 8", {"kernel": "ws", "G": 8}),
     ("fused 128x128 (previous default)", {"kernel": "fused", "BM1": 128, "BN1": 128, "BM2": 128, "BN2": 128,
                                           "TMA": True, "num_stages": 3}),
     ("fused 128x256 / 256x128", {"kernel": "fused", "BM1": 128, "BN1": 256, "BM2": 256, "BN2": 128, "TMA": True,

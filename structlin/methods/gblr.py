@@ -426,10 +426,10 @@ class GBLRLinear(StructuredLinear):
                 f"rank={s.rank}, budget={s.budget}, form={form}, bias={s.bias}")
 
 
-# Dispatch constants of the exported form on CUDA, from the H100 runs in docs/benchmarks/gblr_layer.md: at
-# M <= 512 the launch and the small grids lose to cuBLAS in every measured variant (0.53-0.88x at 40% FLOPs),
-# at M = 2048 the tiles win (1.13-1.51x), at 4096 1.36-1.64x. The tile kernels run at 0.55-0.66 of cuBLAS's
-# rate, so above half the dense FLOPs dense is faster.
+# Dispatch constants of the exported form on CUDA, from the H100 runs in docs/benchmarks/gblr_layer.md (40%
+# FLOPs, Llama-7B shapes, the warp-specialised kernels): at M = 512 the tiles lose in 5 of 6 rows (0.58-1.05x),
+# at M = 2048 they win (1.32-2.10x), at 4096 1.62-2.20x. The kernels run at 0.65-0.8 of cuBLAS's rate (the fused
+# kernel of pre-Hopper GPUs at 0.55-0.66), so above half the dense FLOPs dense is taken.
 PATH_MIN_TOKENS = 2048
 PATH_MAX_FRACTION = 0.5
 
