@@ -253,6 +253,7 @@ def random_exported(K, N, s, T, C, seed, dtype=f64, bias=True):
 
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("K,N,s,T,C", [(64, 48, 16, 16, 5), (72, 40, 32, 16, 4), (96, 128, 16, 32, 6)])
+@torch.no_grad()
 def test_kernel_matches_float64_reference(interpret, K, N, s, T, C):
     L = random_exported(K, N, s, T, C, seed=K + N)
     x = torch.randn(37, K, dtype=f64)                    # M not a multiple of the row tile; K may end in a partial tile
@@ -270,6 +271,7 @@ def test_kernel_matches_float64_reference(interpret, K, N, s, T, C):
 
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("K,N,s,T,C", [(72, 40, 48, 16, 4), (96, 128, 16, 32, 6)])
+@torch.no_grad()
 def test_fused_kernel_matches_float64_reference(interpret, K, N, s, T, C):
     """The one-launch kernel (stage-2 jobs wait on per-row-block counters of stage 1): TMA descriptors and
     pointer loads, fused and two launches, BM2 = 2·BM1, partial row block and partial last input tile; the
@@ -288,6 +290,7 @@ def test_fused_kernel_matches_float64_reference(interpret, K, N, s, T, C):
 
 
 @pytest.mark.triton_interpret
+@torch.no_grad()
 def test_ws_kernel_matches_float64_reference(interpret):
     """The persistent warp-specialised kernels (the Hopper default): a host-scheduled job list per program,
     stage 1 wrapping around the input (cyclic box), an output tile no component covers (bias only), a partial
@@ -316,6 +319,22 @@ def test_ws_kernel_matches_float64_reference(interpret):
                                            config={"kernel": "ws", "BM1": 16, "BM2": 16, "BK": 16})
     assert ((yh.double() - ref).norm() / ref.norm()) < 5e-3
     assert KW.supported(128, 256) and KW.supported(64, 48) is False and KW.supported(96, 64) is False
+
+
+@pytest.mark.triton_interpret
+def test_tile_kernels_refuse_autograd(interpret):
+    """The Triton tile kernels have no backward: forcing them while autograd records raises a clear error, and
+    the default path then takes the differentiable torch form (gradients match the dense layer's)."""
+    L = random_exported(64, 48, 16, 16, 3, seed=7).float()
+    x = torch.randn(9, 64, requires_grad=True)
+    with pytest.raises(ConfigError, match="no backward"):
+        L.tiles_forward(x, use_triton=True)
+    L.tiles_forward(x).square().sum().backward()
+    W = L.to_dense().detach().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    (x2 @ W.T + L.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    assert L.w_in.grad is not None and L.w_out.grad is not None
 
 
 def test_tiles_reference_is_differentiable():

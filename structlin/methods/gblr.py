@@ -342,12 +342,17 @@ class GBLRLinear(StructuredLinear):
         on Hopper in fp16/bf16 the persistent warp-specialised kernels, elsewhere the fused two-stage kernel
         (`config["kernel"]` = "ws" / "fused" picks one, the rest of `config` = its tiles),
         unless `fused=False`, which runs two `chunk_gemm` launches (`configs` = their tiles); otherwise the
-        torch reference."""
+        torch reference — also whenever autograd needs a backward (the kernels have none)."""
         s = self.spec
         C = s.components
-        if use_triton is None:
-            use_triton = x2.is_cuda and K_ops.triton_supported(x2, s.tile, s.rank) and \
+        grad = torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if use_triton is None:     # the Triton kernels have no backward: autograd takes the torch path
+            use_triton = not grad and x2.is_cuda and K_ops.triton_supported(x2, s.tile, s.rank) and \
                 K_ops.triton_supported(x2, s.rank, s.tile)
+        elif use_triton and grad:
+            raise ConfigError(f"gblr layer {s.out_features}×{s.in_features}: the Triton tile kernels have no "
+                              "backward; call them under torch.no_grad() (or with parameters that do not require "
+                              "grad), or pass use_triton=False for the differentiable torch path")
         if use_triton and fused is not False:
             tabs = {n: getattr(self, n) for n in ("ptr1", "acol1", "brow1", "ptr2", "acol2", "brow2")}
             cfg = dict(config or {})
