@@ -58,6 +58,9 @@ def _ws_stage_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, jobs_ptr, jptr_ptr, sptr_ptr
         c_desc.store([row, ocol], acc.to(c_desc.dtype))
 
 
+PLANS = 16     # job plans kept per layer (one per distinct row-block count of M; a few ms of host work each)
+
+
 def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -169,12 +172,16 @@ def gblr_forward_ws(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int
     if nprog is None:
         nprog = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     kp = triton.cdiv(K, T) * T
-    key = ("ws", M, nprog, repr(sorted(cfg.items())), x.device)
-    ent = None if cache is None else cache.get(key)
+    # the plan depends on M only through the row-block counts: one plan serves every M of the same blocks
+    key = ("ws", triton.cdiv(M, cfg["BM1"]), triton.cdiv(M, cfg["BM2"]), nprog, repr(sorted(cfg.items())), x.device)
+    ent = None if cache is None else cache.pop(key, None)
     if ent is None:
         ent = _plan(M, tabs, T, S, kp, cfg, nprog, x.device)
-        if cache is not None:
-            cache[key] = ent
+    if cache is not None:           # most recently used last; at most PLANS ws plans per layer
+        cache[key] = ent
+        old = [k for k in cache if isinstance(k, tuple) and k and k[0] == "ws"]
+        for k in old[:max(0, len(old) - PLANS)]:
+            del cache[k]
     (j1, p1, _), (j2, p2, _) = ent["stages"]
     sp1, st1, sp2, st2 = ent["lists"]
     HC = (tabs["ptr1"].numel() - 1) * S
