@@ -324,6 +324,26 @@ def test_ws_kernel_matches_float64_reference(interpret):
     assert KW.supported(128, 256) and KW.supported(64, 48) is False and KW.supported(96, 64) is False
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="the warp-specialised kernels run on Hopper GPUs (the interpreter test covers the CPU)")
+@torch.no_grad()
+def test_ws_kernel_on_gpu():
+    """On the GPU (the default path there): bias, fp16 and bf16, M not a multiple of the row tiles, K ending in a
+    partial tile, a wrapping input box; against a float64 reference on fresh inputs, outputs poisoned first."""
+    for (K, N, s, T, C), M, dt in (((1000, 768, 64, 128, 5), 300, torch.bfloat16),
+                                   ((1000, 768, 64, 128, 5), 1000, torch.float16),
+                                   ((2048, 1536, 256, 128, 6), 2500, torch.bfloat16)):
+        L = random_exported(K, N, s, T, C, seed=K + M)
+        x = torch.randn(M, K, dtype=f64)
+        ref = x @ L.to_dense().T + L.bias.detach()
+        Lg = L.to(device="cuda", dtype=dt).requires_grad_(False)
+        torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+        y = Lg.tiles_forward(x.to("cuda", dt), use_triton=True)
+        assert any(k[0] == "ws" for k in Lg._kcache), "the default CUDA path should be the ws kernels"
+        assert torch.isfinite(y).all()
+        assert ((y.double().cpu() - ref).norm() / ref.norm()) < 1e-2
+
+
 @pytest.mark.triton_interpret
 def test_tile_kernels_refuse_autograd(interpret):
     """The Triton tile kernels have no backward: forcing them while autograd records raises a clear error, and
