@@ -68,8 +68,12 @@ def _scratch(size: int, alignment: int, stream):
 def _ensure_allocator():
     """Device-side tensor descriptors need global scratch (128 bytes per program) from Triton's allocator: set
     one unless the caller has (Triton keeps it in a context variable, so this runs on every call)."""
-    from triton.runtime import _allocation as A
-    if A._allocator.get() is A._NULL_ALLOCATOR:
+    try:
+        from triton.runtime import _allocation as A
+        unset = A._allocator.get() is A._NULL_ALLOCATOR
+    except (ImportError, AttributeError):   # another Triton layout: set ours (it serves any caller's kernels too)
+        unset = True
+    if unset:
         triton.set_allocator(_scratch)
 
 
