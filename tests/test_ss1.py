@@ -437,9 +437,39 @@ def test_tied_sketch_once_kernel(interpret, dtype, tol):
     assert tm.sk16_timeouts("cpu") == 0 and not tm._sk16_sync("cpu")[:3].any()
 
 
-def test_decode_rule():
-    """The one-shot decode path is offered at M = 1 only (the K-looped kernel loses to sketch + cuBLAS at M = 16
-    on every measured shape), never for training, and never past the one-shot kernel's Kc limit."""
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)])
+def test_weight_streaming_decode_kernel(interpret, dtype, tol):
+    """The 2 ≤ M ≤ 16 weight-streaming kernel (_ss1_wgemm, swap-AB TMA GEMM): the fused form (sketch summed in
+    the B-operand load) and the GEMM on a given u, host- and device-made descriptors, with and without split-K,
+    on odd shapes (N tails, K not a multiple of BK·r, Kc not a multiple of BK) against float64; two calls
+    bitwise equal, fused == two-pass bitwise, the split-K counters back to zero."""
+    wg = pytest.importorskip("structlin.kernels._ss1_wgemm")
+    g = torch.Generator().manual_seed(6)
+    for K, N, r, M, split in [(200, 37, 2, 5, 1), (300, 150, 4, 16, 3), (264, 19, 8, 2, 2)]:
+        L = layer(K, N, r, "tied")
+        W, b, rot, bk = L.weight.detach().to(dtype), L.bias.detach().to(dtype), L.rot_tied, L.spec.bk
+        x = torch.randn(M, K, generator=g).to(dtype)
+        ref = x.double() @ W.double()[:, L.bucket.long()].T + b.double()
+        for host in (True, False):
+            c = dict(BK=32, SPLIT=split, HOST=host, STAGES=2)
+            y = wg.fused(x, rot, W, b, bk, c)
+            assert rel(y, ref) <= tol, (K, r, M, split, host)
+            assert torch.equal(wg.fused(x, rot, W, b, bk, c), y)
+            assert torch.equal(wg.sketch_wgemm(x, rot, W, b, bk, c), y)
+            u = ops.ss1_tied_sketch(x, rot, bk, L.spec.buckets)
+            assert rel(wg.wgemm(u, W, None, c), ref - b.double()) <= tol
+    assert all(not c.any() for c in wg._CNT.values())
+    with pytest.raises(ValueError, match="16-byte"):
+        wg.wgemm(torch.zeros(17, 64, dtype=dtype), torch.zeros(8, 64, dtype=dtype))
+
+
+def test_decode_rule(monkeypatch):
+    """Without the sm_90 weight-streaming kernel the decode path is offered at M = 1 only (the K-looped kernel
+    loses to sketch + cuBLAS at M = 16 on every measured shape); with it, at 2 ≤ M ≤ 16 where the cost model
+    says it is faster (Llama rows; not the small gpt2.fc1, where dense wins). Never for training, never past the
+    one-shot kernel's Kc limit at M = 1."""
+    monkeypatch.setattr(ops, "_WG16", [False])
     up = ss1.SS1Spec(4096, 14336, False, r=4)
     assert ss1.path_rule(up, 1, True, weight_grad=False, any_grad=False) == "decode"
     assert ss1.path_rule(up, 16, True, weight_grad=False, any_grad=False) == "sketch"
@@ -448,3 +478,10 @@ def test_decode_rule():
     assert ss1.path_rule(ss1.SS1Spec(3072, 768, False, r=4), 16, True, weight_grad=False, any_grad=False) == "sketch"
     wide = ss1.SS1Spec(2 * ops.GEMV1_MAX_KC * 2, 64, False, r=2)
     assert ss1.path_rule(wide, 1, True, weight_grad=False, any_grad=False) != "decode"
+    monkeypatch.setattr(ops, "_WG16", [True])
+    for M in (2, 16):
+        assert ss1.path_rule(up, M, True, weight_grad=False, any_grad=False) == "decode"
+        assert ss1.path_rule(ss1.SS1Spec(14336, 4096, False, r=2), M, True, False, False) == "decode"
+        assert ss1.path_rule(up, M, True, weight_grad=False, any_grad=True) == "sketch"
+    assert ss1.path_rule(up, 17, True, weight_grad=False, any_grad=False) == "sketch"
+    assert ss1.path_rule(ss1.SS1Spec(768, 3072, False, r=2), 16, True, False, False) == "dense"

@@ -396,11 +396,12 @@ def tied_sketch_t(g, rot, bk, K):
     return _tied_launch(_tied_sketch_t_kernel, _tied_sketch_t_tuned, g, gx, rot, bk, M, K, kc)
 
 
-def tied_mm(x, rot, weight, bias, bk, config=None, gemv1=True):
+def tied_mm(x, rot, weight, bias, bk, config=None, gemv1=True, wg16=True):
     """y (M × N) = sketch(x) weightᵀ + bias in one launch. M ≤ 16: the decode configurations (one row tile);
     larger M: the tiled fused GEMM. `config` (a dict of BM, BN, BC, DOT, GROUP_M, num_warps, num_stages)
     bypasses the autotuner. R = 1 with rot = [0] is a plain GEMV/GEMM of x (already a sketch) with weight.
-    M = 1 on CUDA (Kc ≤ GEMV1_MAX_KC) runs the one-shot GEMV kernel unless gemv1 is False."""
+    M = 1 on CUDA (Kc ≤ GEMV1_MAX_KC) runs the one-shot GEMV kernel unless gemv1 is False; 2 ≤ M ≤ 16 on sm_90+
+    runs the weight-streaming TMA kernel (`_ss1_wgemm.decode16`, session 6) unless wg16 is False."""
     M, K = x.shape
     N, kc = weight.shape
     R = rot.shape[0]
@@ -413,6 +414,10 @@ def tied_mm(x, rot, weight, bias, bk, config=None, gemv1=True):
     grid = lambda m: (triton.cdiv(M, m["BM"]) * triton.cdiv(N, m["BN"]),)
     if M == 1 and config is None and x.is_cuda and kc <= GEMV1_MAX_KC and gemv1:
         return tied_gemv1(x, rot, weight, bias, bk, out=y)
+    if 2 <= M <= 16 and config is None and x.is_cuda and wg16:
+        from structlin.kernels import _ss1_wgemm as wg
+        if wg.available(x.device) and wg.supported(x, weight, False):
+            return wg.decode16(x, rot, weight, bias, bk)
     if not x.is_cuda:   # interpreter: small tiles, both forms
         cfg = dict(BM=1, BN=16, BC=16, DOT=False, GROUP_M=1) if M == 1 else \
             dict(BM=16, BN=16, BC=16, DOT=True, GROUP_M=2)

@@ -172,6 +172,15 @@ ss1_fused.register_autograd(_fused_bwd, setup_context=_fused_ctx)
 
 TIED_MAX_R = 16   # the Triton tied kernels unroll the R members; larger r runs the gather-form kernel
 GEMV1_MAX_KC = 8192   # the one-shot M = 1 decode kernel holds BN × next_pow2(Kc) weights in registers
+_WG16: list = []
+
+
+def wg16_available() -> bool:
+    """The 2 ≤ M ≤ 16 weight-streaming decode kernels (TMA + wgmma: Triton and an sm_90+ current device)."""
+    if not _WG16:
+        ok = HAVE_TRITON and torch.cuda.is_available()
+        _WG16.append(bool(ok and torch.cuda.get_device_capability()[0] >= 9))
+    return _WG16[0]
 
 
 def tied_sketch_ref(x, rot, bk: int, kc: int):
@@ -245,9 +254,10 @@ ss1_tied_sketch_t.register_autograd(_tied_sketch_t_bwd, setup_context=_tied_ctx)
 def ss1_tied_decode(x: torch.Tensor, rot: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     bk: int) -> torch.Tensor:
     """y = sketch(x) weightᵀ + bias in one launch (inference: no autograd formula). The sketch is summed in
-    the A-operand load; M ≤ 16 runs the GEMV configurations (decode), larger M the tiled fused GEMM. (The
-    sketch-once kernels for 2 ≤ M ≤ 16, `_ss1_triton.tied_sk16`, measured slower than sketch + cuBLAS on the
-    H100: not routed here; see docs/benchmarks/NOTES.md.)"""
+    the operand load; M = 1 runs the one-shot GEMV, 2 ≤ M ≤ 16 on sm_90+ the weight-streaming TMA kernel
+    (`_ss1_wgemm.decode16`, session 6), other M ≤ 16 the GEMV configurations, larger M the tiled fused GEMM. (The
+    session-5 sketch-once kernels `_ss1_triton.tied_sk16` measured slower than sketch + cuBLAS on the H100: not
+    routed here; see docs/benchmarks/NOTES.md.)"""
     if _use_tied_triton(x, rot):
         return triton_module().tied_mm(x, rot, weight, bias, bk)
     return tied_mm_ref(x, rot, weight, bias, bk)

@@ -29,11 +29,13 @@ Execution paths (``SS1Linear.forward``; the one taken is recorded in ``layer.las
 
 * ``sketch``  tied scheme: the tied sketch kernel (contiguous rotated runs, vectorised) + cuBLAS GEMM of depth
               Kc; backward = the transposed tied sketch + two cuBLAS GEMMs of depth Kc. Training always runs it.
-* ``decode``  tied, inference, M ≤ 16 on CUDA: one Triton launch, the sketch folded into the A-operand load.
+* ``decode``  tied, inference, M ≤ 16 on CUDA: one Triton launch, the sketch folded into the operand load.
               M = 1 runs a one-shot GEMV (each program builds the whole sketch of x from L2 and loads its rows
-              of W0 at once: weight streaming at ~3 TB/s); 2 ≤ M ≤ 16 a K-looped kernel with 16 padded rows
-              (slower than sketch + cuBLAS at M = 16, so the rule offers `decode` at M = 1 only; so were the
-              session-5 sketch-once kernels `tied_sk16`, one launch or two under PDL, see NOTES.md).
+              of W0 at once: weight streaming at ~3 TB/s); 2 ≤ M ≤ 16 on sm_90+ the weight-streaming kernel
+              (`kernels/_ss1_wgemm.py`: yᵀ = W0 uᵀ with 128 rows of W0 per program through pipelined TMA loads,
+              wgmma, deterministic split-K, u's 16-row tile summed from x in the B-operand load; as fast as
+              cuBLAS on the weight, and it saves the sketch launch). Without sm_90 the rule offers `decode` at
+              M = 1 only (the older K-looped kernel and the session-5 `tied_sk16` lose to sketch + cuBLAS).
 * ``dense``   inference (no gradient wanted for weight/bias) where SS1 would be slower than dense: a cuBLAS GEMM
               with the merged weight W = W0 Sᵀ (N × K), materialised once per (device, dtype) and rebuilt
               when weight/bucket/scale change (keyed on their `_version` and storage). Costs N·K extra memory
@@ -288,9 +290,11 @@ PATHS = ("sketch", "decode", "dense", "gather", "fused")
 # rebuilds the whole sketch of x from L2 in its critical path). n_sat: below N = 1536 output columns cuBLAS's
 # bandwidth falls in proportion to N (too few tiles; gpt2.fc2 / bert fc2 at M ≤ 256). Session 5 refit
 # (n_sat, sketch_launch 2.8 → 2.0 µs) on the session-4 grid: 12 → 3 of 105 rows off the fastest path, worst
-# 1.24× → 1.025× slower than the fastest. Only ratios matter.
+# 1.24× → 1.025× slower than the fastest. Session 6: wg_bw / wg_launch = the 2 ≤ M ≤ 16 weight-streaming decode
+# kernel (fitted on the session-6 grid: 9 of 105 rows off the fastest path, worst 1.037×). Only ratios matter.
 COST = dict(flops=700e12, gemm_bw=2.2e12, launch=6.3e-3, sketch_bw=2.7e12, sketch_launch=2.0e-3,
-            decode_bw=3.05e12, decode_launch=7.0e-3, decode_per_rk=1.67e-8, n_sat=1536)
+            decode_bw=3.05e12, decode_launch=7.0e-3, decode_per_rk=1.67e-8, n_sat=1536,
+            wg_bw=2.3e12, wg_launch=8.4e-3, wg_per_r=0.0)
 
 
 def cost_ms(path: str, M: int, K: int, N: int, kc: int, c=COST) -> float:
@@ -304,6 +308,9 @@ def cost_ms(path: str, M: int, K: int, N: int, kc: int, c=COST) -> float:
     if path == "decode" and M == 1:
         r = -(-K // kc)
         return 2 * N * kc / c["decode_bw"] * 1e3 + c["decode_launch"] + c["decode_per_rk"] * r * K
+    if path == "decode" and 2 <= M <= 16:   # the weight-streaming TMA kernel (session 6): no n_sat (split-K)
+        r = -(-K // kc)
+        return 2 * (N * kc + M * K) / c["wg_bw"] * 1e3 + c["wg_launch"] + c.get("wg_per_r", 0.0) * r
     return float("inf")
 
 
@@ -316,7 +323,7 @@ def path_rule(spec: SS1Spec, M: int, cuda: bool, weight_grad: bool, any_grad: bo
     if own != "sketch":
         return "dense"
     K, N, kc = spec.in_features, spec.out_features, spec.buckets
-    decode = M == 1 and not any_grad and kc <= K_ops.GEMV1_MAX_KC
+    decode = not any_grad and ((M == 1 and kc <= K_ops.GEMV1_MAX_KC) or (2 <= M <= 16 and K_ops.wg16_available()))
     cands = ["sketch", "dense"] + (["decode"] if decode else [])
     return min(cands, key=lambda p: cost_ms(p, M, K, N, kc))
 
