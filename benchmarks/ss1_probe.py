@@ -54,54 +54,61 @@ def rel(a, b):
     return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def decode(res, chain=8):
-    dev, dt = "cuda", torch.bfloat16
-    zrot = torch.zeros(1, dtype=torch.int32, device=dev)
-    tm = ops.triton_module()
+def llama_weights(chain, dev, dt):
+    """Per shape of SH and r ∈ {2, 4, 8}: the SS1 layer, its tied constants (rot, bk, Kc), `chain` distinct dense
+    and SS1 weights, 16 input rows and the generator (seeded; dense weights and inputs shared by a shape's r)."""
     for name, (K, N) in SH.items():
         gen = torch.Generator(device=dev).manual_seed(0)
         Wd = [torch.randn(N, K, device=dev, dtype=dt, generator=gen) * K ** -0.5 for _ in range(chain)]
         X = torch.randn(16, K, device=dev, dtype=dt, generator=gen)
         for r in (2, 4, 8):
             L = ss1.SS1Linear(ss1.SS1Spec(K, N, False, r=r), dtype=dt, device=dev)
-            rot, bk, kc = L.rot_tied, L.spec.bk, L.spec.buckets
-            W0 = [torch.randn(N, kc, device=dev, dtype=dt, generator=gen) * kc ** -0.5 for _ in range(chain)]
-            for M in (1, 16):
-                x = X[:M].contiguous()
-                xs = torch.randn(M, kc, device=dev, dtype=dt, generator=gen)
-                ref = x.double() @ W0[0].double()[:, L.bucket.long()].T
-                e_dec = rel(ops.ss1_tied_decode(x, rot, W0[0], None, bk), ref)
-                e_loop = rel(tm.tied_mm(x, rot, W0[0], None, bk, gemv1=False), ref)
-                e_sg = rel(ops.ss1_tied_decode(ops.ss1_tied_sketch(x, rot, bk, kc), zrot, W0[0], None, bk), ref)
-                e_sk = rel(F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), W0[0]), ref)
-                fns = {
-                    "dense": lambda w, i: F.linear(x, Wd[i]),
-                    "ideal": lambda w, i: F.linear(xs, w),
-                    "sk+gemm": lambda w, i: F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), w),
-                    "decode": lambda w, i: ops.ss1_tied_decode(x, rot, w, None, bk),
-                    "loop": lambda w, i: tm.tied_mm(x, rot, w, None, bk, gemv1=False),
-                    "sk+gemv": lambda w, i: ops.ss1_tied_decode(ops.ss1_tied_sketch(x, rot, bk, kc), zrot, w, None, bk),
-                }
-                t = {}
-                for k, f in fns.items():
-                    t[k + ".one"] = T(lambda: f(W0[0], 0))
-                    t[k + ".chain"] = T(lambda: [f(W0[i], i) for i in range(chain)]) / chain
-                cfg = {str(k): str(v) for k, v in tm._tied_decode_tuned.cache.items()
-                       if k[0] == M and k[1] == N and k[2] == kc}
-                cfg.update({"gemv1" + str(k): str(v) for k, v in tm._tied_gemv1_tuned.cache.items()
-                            if k[0] == N and k[1] == kc and M == 1})
-                row = dict(part="decode", shape=name, K=K, N=N, r=r, M=M, kc=kc, err_decode=e_dec, err_loop=e_loop, err_skgemv=e_sg,
-                           err_skgemm=e_sk, cfg=cfg, **t)
-                res.append(row)
-                d1, dc = t["dense.one"], t["dense.chain"]
-                log(f"DEC {name:5s} r={r} M={M:2d} | one: dense {d1*1e3:6.1f}us ideal {d1/t['ideal.one']:.2f}x "
-                    f"sk+gemm {d1/t['sk+gemm.one']:.2f}x decode {d1/t['decode.one']:.2f}x sk+gemv "
-                    f"{d1/t['sk+gemv.one']:.2f}x loop {d1/t['loop.one']:.2f}x | chain: dense {dc*1e3:6.1f}us ideal {dc/t['ideal.chain']:.2f}x "
-                    f"sk+gemm {dc/t['sk+gemm.chain']:.2f}x decode {dc/t['decode.chain']:.2f}x sk+gemv "
-                    f"{dc/t['sk+gemv.chain']:.2f}x loop {dc/t['loop.chain']:.2f}x | decode {t['decode.chain']*1e3:.1f}us = "
-                    f"{2*N*kc/t['decode.chain']/1e6:.0f} GB/s weight, ideal {2*N*kc/t['ideal.chain']/1e6:.0f}, dense "
-                    f"{2*N*K/t['dense.chain']/1e6:.0f} | err {e_dec:.1e}/{e_loop:.1e}/{e_sg:.1e}/{e_sk:.1e} | {cfg}")
+            W0 = [torch.randn(N, L.spec.buckets, device=dev, dtype=dt, generator=gen) * L.spec.buckets ** -0.5
+                  for _ in range(chain)]
+            yield name, K, N, r, L, L.rot_tied, L.spec.bk, L.spec.buckets, Wd, X, W0, gen
         del Wd
+
+
+def decode(res, chain=8):
+    dev, dt = "cuda", torch.bfloat16
+    zrot = torch.zeros(1, dtype=torch.int32, device=dev)
+    tm = ops.triton_module()
+    for name, K, N, r, L, rot, bk, kc, Wd, X, W0, gen in llama_weights(chain, dev, dt):
+        for M in (1, 16):
+            x = X[:M].contiguous()
+            xs = torch.randn(M, kc, device=dev, dtype=dt, generator=gen)
+            ref = x.double() @ W0[0].double()[:, L.bucket.long()].T
+            e_dec = rel(ops.ss1_tied_decode(x, rot, W0[0], None, bk), ref)
+            e_loop = rel(tm.tied_mm(x, rot, W0[0], None, bk, gemv1=False), ref)
+            e_sg = rel(ops.ss1_tied_decode(ops.ss1_tied_sketch(x, rot, bk, kc), zrot, W0[0], None, bk), ref)
+            e_sk = rel(F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), W0[0]), ref)
+            fns = {
+                "dense": lambda w, i: F.linear(x, Wd[i]),
+                "ideal": lambda w, i: F.linear(xs, w),
+                "sk+gemm": lambda w, i: F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), w),
+                "decode": lambda w, i: ops.ss1_tied_decode(x, rot, w, None, bk),
+                "loop": lambda w, i: tm.tied_mm(x, rot, w, None, bk, gemv1=False),
+                "sk+gemv": lambda w, i: ops.ss1_tied_decode(ops.ss1_tied_sketch(x, rot, bk, kc), zrot, w, None, bk),
+            }
+            t = {}
+            for k, f in fns.items():
+                t[k + ".one"] = T(lambda: f(W0[0], 0))
+                t[k + ".chain"] = T(lambda: [f(W0[i], i) for i in range(chain)]) / chain
+            cfg = {str(k): str(v) for k, v in tm._tied_decode_tuned.cache.items()
+                   if k[0] == M and k[1] == N and k[2] == kc}
+            cfg.update({"gemv1" + str(k): str(v) for k, v in tm._tied_gemv1_tuned.cache.items()
+                        if k[0] == N and k[1] == kc and M == 1})
+            row = dict(part="decode", shape=name, K=K, N=N, r=r, M=M, kc=kc, err_decode=e_dec, err_loop=e_loop, err_skgemv=e_sg,
+                       err_skgemm=e_sk, cfg=cfg, **t)
+            res.append(row)
+            d1, dc = t["dense.one"], t["dense.chain"]
+            log(f"DEC {name:5s} r={r} M={M:2d} | one: dense {d1*1e3:6.1f}us ideal {d1/t['ideal.one']:.2f}x "
+                f"sk+gemm {d1/t['sk+gemm.one']:.2f}x decode {d1/t['decode.one']:.2f}x sk+gemv "
+                f"{d1/t['sk+gemv.one']:.2f}x loop {d1/t['loop.one']:.2f}x | chain: dense {dc*1e3:6.1f}us ideal {dc/t['ideal.chain']:.2f}x "
+                f"sk+gemm {dc/t['sk+gemm.chain']:.2f}x decode {dc/t['decode.chain']:.2f}x sk+gemv "
+                f"{dc/t['sk+gemv.chain']:.2f}x loop {dc/t['loop.chain']:.2f}x | decode {t['decode.chain']*1e3:.1f}us = "
+                f"{2*N*kc/t['decode.chain']/1e6:.0f} GB/s weight, ideal {2*N*kc/t['ideal.chain']/1e6:.0f}, dense "
+                f"{2*N*K/t['dense.chain']/1e6:.0f} | err {e_dec:.1e}/{e_loop:.1e}/{e_sg:.1e}/{e_sk:.1e} | {cfg}")
 
 
 def decode16(res, chain=8, ms=(2, 16)):
@@ -123,50 +130,42 @@ def decode16(res, chain=8, ms=(2, 16)):
                  for m in ("one", "pdl") for c in (cfg, shot)}
             log(f"ODD K={K} N={N} r={r} M={M} {d} err {e} timeouts {tm.sk16_timeouts()}")
             res.append(dict(part="odd", K=K, N=N, r=r, M=M, dtype=str(d), err=e))
-    for name, (K, N) in SH.items():
-        gen = torch.Generator(device=dev).manual_seed(0)
-        Wd = [torch.randn(N, K, device=dev, dtype=dt, generator=gen) * K ** -0.5 for _ in range(chain)]
-        X = torch.randn(16, K, device=dev, dtype=dt, generator=gen)
-        for r in (2, 4, 8):
-            L = ss1.SS1Linear(ss1.SS1Spec(K, N, False, r=r), dtype=dt, device=dev)
-            rot, bk, kc = L.rot_tied, L.spec.bk, L.spec.buckets
-            W0 = [torch.randn(N, kc, device=dev, dtype=dt, generator=gen) * kc ** -0.5 for _ in range(chain)]
-            b = None   # no bias, as in benchmarks/ss1_layer.py (the same compiled kernels serve both)
-            for M in ms:
-                x = X[:M].contiguous()
-                xs = torch.randn(M, kc, device=dev, dtype=dt, generator=gen)
-                ref = x.double() @ W0[0].double()[:, L.bucket.long()].T
-                fns = {
-                    "dense": lambda w, i: F.linear(x, Wd[i], b),
-                    "ideal": lambda w, i: F.linear(xs, w, b),
-                    "sk+gemm": lambda w, i: F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), w, b),
-                    "one": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "one"),
-                    "sk+tg": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "gemm",
-                                                       u=ops.ss1_tied_sketch(x, rot, bk, kc)),
-                    "pdl": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "pdl"),
-                }
-                t, err = {}, {}
-                for k, f in fns.items():
-                    try:
-                        if k not in ("dense", "ideal"):
-                            err[k] = rel(f(W0[0], 0), ref)
-                        t[k + ".one"] = T(lambda: f(W0[0], 0))
-                        t[k + ".chain"] = T(lambda: [f(W0[i], i) for i in range(chain)]) / chain
-                    except Exception as e:  # noqa: BLE001 — a probe: record and go on
-                        log(f"  {k} failed: {e!r}"[:400])
-                        t[k + ".one"] = t[k + ".chain"] = float("nan")
-                det = bool(torch.equal(tm.tied_sk16(x, rot, W0[0], b, bk, "one"), tm.tied_sk16(x, rot, W0[0], b, bk, "one")))
-                flag = tm.sk16_timeouts()
-                cfg = {str(k): str(v) for k, v in tm._SK16_PICK.items() if k[2] == N and k[3] == kc and k[1] == tm._mb(M)}
-                res.append(dict(part="decode16", shape=name, K=K, N=N, r=r, M=M, kc=kc, err=err, det=det,
-                                timeouts=flag, cfg=cfg, **t))
-                d1, dc = t["dense.one"], t["dense.chain"]
-                log(f"D16 {name:5s} r={r} M={M:2d} | one: dense {d1*1e3:5.1f}us " + " ".join(
-                    f"{k} {d1 / t[k + '.one']:.2f}x" for k in fns if k != "dense") + f" | chain: dense {dc*1e3:5.1f}us "
-                    + " ".join(f"{k} {dc / t[k + '.chain']:.2f}x" for k in fns if k != "dense")
-                    + f" | us chain: " + " ".join(f"{k} {t[k + '.chain']*1e3:.1f}" for k in fns)
-                    + " | err " + " ".join(f"{k} {v:.1e}" for k, v in err.items()) + f" | det {det} timeouts {flag} | {cfg}")
-        del Wd
+    for name, K, N, r, L, rot, bk, kc, Wd, X, W0, gen in llama_weights(chain, dev, dt):
+        b = None   # no bias, as in benchmarks/ss1_layer.py (the same compiled kernels serve both)
+        for M in ms:
+            x = X[:M].contiguous()
+            xs = torch.randn(M, kc, device=dev, dtype=dt, generator=gen)
+            ref = x.double() @ W0[0].double()[:, L.bucket.long()].T
+            fns = {
+                "dense": lambda w, i: F.linear(x, Wd[i], b),
+                "ideal": lambda w, i: F.linear(xs, w, b),
+                "sk+gemm": lambda w, i: F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), w, b),
+                "one": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "one"),
+                "sk+tg": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "gemm",
+                                                   u=ops.ss1_tied_sketch(x, rot, bk, kc)),
+                "pdl": lambda w, i: tm.tied_sk16(x, rot, w, b, bk, "pdl"),
+            }
+            t, err = {}, {}
+            for k, f in fns.items():
+                try:
+                    if k not in ("dense", "ideal"):
+                        err[k] = rel(f(W0[0], 0), ref)
+                    t[k + ".one"] = T(lambda: f(W0[0], 0))
+                    t[k + ".chain"] = T(lambda: [f(W0[i], i) for i in range(chain)]) / chain
+                except Exception as e:  # noqa: BLE001 — a probe: record and go on
+                    log(f"  {k} failed: {e!r}"[:400])
+                    t[k + ".one"] = t[k + ".chain"] = float("nan")
+            det = bool(torch.equal(tm.tied_sk16(x, rot, W0[0], b, bk, "one"), tm.tied_sk16(x, rot, W0[0], b, bk, "one")))
+            flag = tm.sk16_timeouts()
+            cfg = {str(k): str(v) for k, v in tm._SK16_PICK.items() if k[2] == N and k[3] == kc and k[1] == tm._mb(M)}
+            res.append(dict(part="decode16", shape=name, K=K, N=N, r=r, M=M, kc=kc, err=err, det=det,
+                            timeouts=flag, cfg=cfg, **t))
+            d1, dc = t["dense.one"], t["dense.chain"]
+            log(f"D16 {name:5s} r={r} M={M:2d} | one: dense {d1*1e3:5.1f}us " + " ".join(
+                f"{k} {d1 / t[k + '.one']:.2f}x" for k in fns if k != "dense") + f" | chain: dense {dc*1e3:5.1f}us "
+                + " ".join(f"{k} {dc / t[k + '.chain']:.2f}x" for k in fns if k != "dense")
+                + " | us chain: " + " ".join(f"{k} {t[k + '.chain']*1e3:.1f}" for k in fns)
+                + " | err " + " ".join(f"{k} {v:.1e}" for k, v in err.items()) + f" | det {det} timeouts {flag} | {cfg}")
 
 
 def overlap_fn(x, rot, bk, kc, W, n, s2, u, y):

@@ -14,46 +14,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 import structlin.methods.ss1 as ss1
 from structlin.kernels import ss1 as ops
 from structlin.kernels import _ss1_wgemm as WG
 
-SH = {"qo": (4096, 4096), "up": (4096, 14336), "down": (14336, 4096)}
-LOG = []
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ss1_probe import LOG, T, llama_weights, log, rel  # noqa: E402  (the probe's shapes, log and graph timing)
+
 # name: (BK, STAGES, HOST descriptors, waves) — SPLIT = round(waves · SMs / tiles). (Session-6 run 1 also
 # timed Triton's warp specialisation, k128s4ws / k64s8ws: 4–15% slower, and wrong with split-K / an N tail:
 # each consumer warpgroup runs the epilogue, so the split-K counter moved twice per program. Dropped.)
 CFGS = {"k128s4": (128, 4, True, 1), "k128s4d": (128, 4, False, 1), "k128s3x2": (128, 3, True, 2)}
 # (run 1 also timed k64s6 / k64s6x2 (BK 64, 6 stages, 1 or 2 waves): never faster than k128s4 / k128s3x2 by > 0.1 µs)
 
-
-def log(s):
-    print(s, flush=True)
-    LOG.append(s)
-
-
-def T(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=5, rep=25, return_mode="median")
-
-
-def rel(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def cfg_of(name, N, kc, sms, pref=0):
@@ -64,7 +43,6 @@ def cfg_of(name, N, kc, sms, pref=0):
 
 def odd(res):
     dev = "cuda"
-    tm = ops.triton_module()
     for (K, N, r, M, split) in [(1000, 300, 4, 5, 1), (4104, 777, 2, 16, 3), (336, 64, 8, 3, 2), (4096, 520, 2, 2, 4),
                                 (14336, 4096, 8, 16, 4)]:
         L = ss1.SS1Linear(ss1.SS1Spec(K, N, True, r=r), dtype=torch.float64, device=dev)
@@ -95,84 +73,76 @@ def odd(res):
 def rows(res, chain=8, ms=(2, 8, 16)):
     dev, dt = "cuda", torch.bfloat16
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for name, (K, N) in SH.items():
-        gen = torch.Generator(device=dev).manual_seed(0)
-        Wd = [torch.randn(N, K, device=dev, dtype=dt, generator=gen) * K ** -0.5 for _ in range(chain)]
-        X = torch.randn(16, K, device=dev, dtype=dt, generator=gen)
-        for r in (2, 4, 8):
-            L = ss1.SS1Linear(ss1.SS1Spec(K, N, False, r=r), dtype=dt, device=dev)
-            rot, bk, kc = L.rot_tied, L.spec.bk, L.spec.buckets
-            W0 = [torch.randn(N, kc, device=dev, dtype=dt, generator=gen) * kc ** -0.5 for _ in range(chain)]
-            for M in ms:
-                x = X[:M].contiguous()
-                u = ops.ss1_tied_sketch(x, rot, bk, kc)
-                ref = x.double() @ W0[0].double()[:, L.bucket.long()].T
-                t, err = {}, {}
-                t["dense"] = T(lambda: F.linear(x, Wd[0]))
-                t["ideal"] = T(lambda: F.linear(u, W0[0]))
-                t["sk+cublas"] = T(lambda: F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), W0[0]))
-                err["sk+cublas"] = rel(F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), W0[0]), ref)
-                for cn in CFGS:
-                    c = cfg_of(cn, N, kc, sms)
-                    try:
-                        t["wg:" + cn] = T(lambda: WG.wgemm(u, W0[0], None, c))
-                    except Exception as ex:   # noqa: BLE001
-                        log(f"  {cn} failed: {ex!r}"[:300])
-                        t["wg:" + cn] = float("inf")
-                    try:
-                        t["fu:" + cn] = T(lambda: WG.fused(x, rot, W0[0], None, bk, c))
-                    except Exception as ex:   # noqa: BLE001
-                        log(f"  fused {cn} failed: {ex!r}"[:300])
-                        t["fu:" + cn] = float("inf")
-                bf = min(CFGS, key=lambda cn: t["fu:" + cn])
-                cf = cfg_of(bf, N, kc, sms)
-                t["fused"] = t["fu:" + bf]
-                err["fused"] = rel(WG.fused(x, rot, W0[0], None, bk, cf), ref)
-                detf = bool(torch.equal(WG.fused(x, rot, W0[0], None, bk, cf), WG.fused(x, rot, W0[0], None, bk, cf)))
-                t["op"] = T(lambda: ops.ss1_tied_decode(x, rot, W0[0], None, bk))
-                best = min(CFGS, key=lambda cn: t["wg:" + cn])
-                c = cfg_of(best, N, kc, sms)
-                t["wg"] = t["wg:" + best]
-                t["sk+wg"] = T(lambda: WG.sketch_wgemm(x, rot, W0[0], None, bk, c))
-                err["sk+wg"] = rel(WG.sketch_wgemm(x, rot, W0[0], None, bk, c), ref)
-                det = bool(torch.equal(WG.sketch_wgemm(x, rot, W0[0], None, bk, c),
-                                       WG.sketch_wgemm(x, rot, W0[0], None, bk, c)))
-                prefs = [0, 512]
-                for p in prefs:
-                    cp = dict(c, PREF=p)
-                    try:
-                        t[f"pdl{p}"] = T(lambda: WG.sketch_wgemm(x, rot, W0[0], None, bk, cp, True))
-                        err[f"pdl{p}"] = rel(WG.sketch_wgemm(x, rot, W0[0], None, bk, cp, True), ref)
-                    except Exception as ex:   # noqa: BLE001
-                        log(f"  pdl{p} failed: {ex!r}"[:300])
-                        t[f"pdl{p}"] = float("inf")
-                bp = min(prefs, key=lambda p: t[f"pdl{p}"])
-                t["pdl"] = t[f"pdl{bp}"]
-                cpb = dict(c, PREF=bp)
-                t["dense.chain"] = T(lambda: [F.linear(x, Wd[i]) for i in range(chain)]) / chain
-                t["sk+cublas.chain"] = T(lambda: [F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), W0[i])
-                                                  for i in range(chain)]) / chain
-                t["sk+wg.chain"] = T(lambda: [WG.sketch_wgemm(x, rot, W0[i], None, bk, c)
+    for name, K, N, r, L, rot, bk, kc, Wd, X, W0, gen in llama_weights(chain, dev, dt):
+        for M in ms:
+            x = X[:M].contiguous()
+            u = ops.ss1_tied_sketch(x, rot, bk, kc)
+            ref = x.double() @ W0[0].double()[:, L.bucket.long()].T
+            t, err = {}, {}
+            t["dense"] = T(lambda: F.linear(x, Wd[0]))
+            t["ideal"] = T(lambda: F.linear(u, W0[0]))
+            t["sk+cublas"] = T(lambda: F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), W0[0]))
+            err["sk+cublas"] = rel(F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), W0[0]), ref)
+            for cn in CFGS:
+                c = cfg_of(cn, N, kc, sms)
+                try:
+                    t["wg:" + cn] = T(lambda: WG.wgemm(u, W0[0], None, c))
+                except Exception as ex:   # noqa: BLE001
+                    log(f"  {cn} failed: {ex!r}"[:300])
+                    t["wg:" + cn] = float("inf")
+                try:
+                    t["fu:" + cn] = T(lambda: WG.fused(x, rot, W0[0], None, bk, c))
+                except Exception as ex:   # noqa: BLE001
+                    log(f"  fused {cn} failed: {ex!r}"[:300])
+                    t["fu:" + cn] = float("inf")
+            bf = min(CFGS, key=lambda cn: t["fu:" + cn])
+            cf = cfg_of(bf, N, kc, sms)
+            t["fused"] = t["fu:" + bf]
+            err["fused"] = rel(WG.fused(x, rot, W0[0], None, bk, cf), ref)
+            detf = bool(torch.equal(WG.fused(x, rot, W0[0], None, bk, cf), WG.fused(x, rot, W0[0], None, bk, cf)))
+            t["op"] = T(lambda: ops.ss1_tied_decode(x, rot, W0[0], None, bk))
+            best = min(CFGS, key=lambda cn: t["wg:" + cn])
+            c = cfg_of(best, N, kc, sms)
+            t["wg"] = t["wg:" + best]
+            t["sk+wg"] = T(lambda: WG.sketch_wgemm(x, rot, W0[0], None, bk, c))
+            err["sk+wg"] = rel(WG.sketch_wgemm(x, rot, W0[0], None, bk, c), ref)
+            det = bool(torch.equal(WG.sketch_wgemm(x, rot, W0[0], None, bk, c),
+                                   WG.sketch_wgemm(x, rot, W0[0], None, bk, c)))
+            prefs = [0, 512]
+            for p in prefs:
+                cp = dict(c, PREF=p)
+                try:
+                    t[f"pdl{p}"] = T(lambda: WG.sketch_wgemm(x, rot, W0[0], None, bk, cp, True))
+                    err[f"pdl{p}"] = rel(WG.sketch_wgemm(x, rot, W0[0], None, bk, cp, True), ref)
+                except Exception as ex:   # noqa: BLE001
+                    log(f"  pdl{p} failed: {ex!r}"[:300])
+                    t[f"pdl{p}"] = float("inf")
+            bp = min(prefs, key=lambda p: t[f"pdl{p}"])
+            t["pdl"] = t[f"pdl{bp}"]
+            cpb = dict(c, PREF=bp)
+            t["dense.chain"] = T(lambda: [F.linear(x, Wd[i]) for i in range(chain)]) / chain
+            t["sk+cublas.chain"] = T(lambda: [F.linear(ops.ss1_tied_sketch(x, rot, bk, kc), W0[i])
                                               for i in range(chain)]) / chain
-                t["pdl.chain"] = T(lambda: [WG.sketch_wgemm(x, rot, W0[i], None, bk, cpb, True)
-                                            for i in range(chain)]) / chain
-                t["fused.chain"] = T(lambda: [WG.fused(x, rot, W0[i], None, bk, cf) for i in range(chain)]) / chain
-                wb = 2 * N * kc / 1e6   # weight bytes / 1e6 -> GB/s when divided by ms
-                d1, dc = t["dense"], t["dense.chain"]
-                res.append(dict(part="rows", shape=name, K=K, N=N, r=r, M=M, kc=kc, best=best, cfg=c, pref=bp,
-                                best_fused=bf, err=err, det=det, det_fused=detf, **t))
-                log(f"ROW {name:5s} r={r} M={M:2d} | one us: dense {d1*1e3:5.1f} ideal {t['ideal']*1e3:5.1f} "
-                    f"sk+cublas {t['sk+cublas']*1e3:5.1f} wg {t['wg']*1e3:5.1f} sk+wg {t['sk+wg']*1e3:5.1f} "
-                    f"pdl {t['pdl']*1e3:5.1f} fused {t['fused']*1e3:5.1f} op {t['op']*1e3:5.1f} | x dense: "
-                    f"ideal {d1/t['ideal']:.2f} "
-                    f"sk+cublas {d1/t['sk+cublas']:.2f} sk+wg {d1/t['sk+wg']:.2f} pdl {d1/t['pdl']:.2f} fused "
-                    f"{d1/t['fused']:.2f} op {d1/t['op']:.2f} | chain x: sk+cublas {dc/t['sk+cublas.chain']:.2f} "
-                    f"sk+wg {dc/t['sk+wg.chain']:.2f} pdl {dc/t['pdl.chain']:.2f} fused {dc/t['fused.chain']:.2f} | "
-                    f"weight GB/s: cuBLAS(ideal) {wb/t['ideal']:.0f} wg {wb/t['wg']:.0f} fused {wb/t['fused']:.0f} | "
-                    f"{best} split {c['SPLIT']} pref {bp} fused {bf} | "
-                    + " ".join(f"{cn} {t['wg:' + cn]*1e3:.1f}/{t['fu:' + cn]*1e3:.1f}" for cn in CFGS)
-                    + " | err " + " ".join(f"{k} {v:.1e}" for k, v in err.items()) + f" det {det}/{detf}")
-        del Wd
+            t["sk+wg.chain"] = T(lambda: [WG.sketch_wgemm(x, rot, W0[i], None, bk, c)
+                                          for i in range(chain)]) / chain
+            t["pdl.chain"] = T(lambda: [WG.sketch_wgemm(x, rot, W0[i], None, bk, cpb, True)
+                                        for i in range(chain)]) / chain
+            t["fused.chain"] = T(lambda: [WG.fused(x, rot, W0[i], None, bk, cf) for i in range(chain)]) / chain
+            wb = 2 * N * kc / 1e6   # weight bytes / 1e6 -> GB/s when divided by ms
+            d1, dc = t["dense"], t["dense.chain"]
+            res.append(dict(part="rows", shape=name, K=K, N=N, r=r, M=M, kc=kc, best=best, cfg=c, pref=bp,
+                            best_fused=bf, err=err, det=det, det_fused=detf, **t))
+            log(f"ROW {name:5s} r={r} M={M:2d} | one us: dense {d1*1e3:5.1f} ideal {t['ideal']*1e3:5.1f} "
+                f"sk+cublas {t['sk+cublas']*1e3:5.1f} wg {t['wg']*1e3:5.1f} sk+wg {t['sk+wg']*1e3:5.1f} "
+                f"pdl {t['pdl']*1e3:5.1f} fused {t['fused']*1e3:5.1f} op {t['op']*1e3:5.1f} | x dense: "
+                f"ideal {d1/t['ideal']:.2f} "
+                f"sk+cublas {d1/t['sk+cublas']:.2f} sk+wg {d1/t['sk+wg']:.2f} pdl {d1/t['pdl']:.2f} fused "
+                f"{d1/t['fused']:.2f} op {d1/t['op']:.2f} | chain x: sk+cublas {dc/t['sk+cublas.chain']:.2f} "
+                f"sk+wg {dc/t['sk+wg.chain']:.2f} pdl {dc/t['pdl.chain']:.2f} fused {dc/t['fused.chain']:.2f} | "
+                f"weight GB/s: cuBLAS(ideal) {wb/t['ideal']:.0f} wg {wb/t['wg']:.0f} fused {wb/t['fused']:.0f} | "
+                f"{best} split {c['SPLIT']} pref {bp} fused {bf} | "
+                + " ".join(f"{cn} {t['wg:' + cn]*1e3:.1f}/{t['fu:' + cn]*1e3:.1f}" for cn in CFGS)
+                + " | err " + " ".join(f"{k} {v:.1e}" for k, v in err.items()) + f" det {det}/{detf}")
 
 
 def main():
