@@ -158,6 +158,23 @@ def _tied_cols(k, rot_ptr, c, R: tl.constexpr, BK: tl.constexpr, VEC: tl.constex
 
 
 @triton.jit
+def _tied_sketch_tile(x_ptr, rot_ptr, rm, rk, mm, mk, sxm, K, R: tl.constexpr, BK: tl.constexpr, VEC: tl.constexpr,
+                      EVEN_K: tl.constexpr):
+    """u[rm, rk] of the tied sketch in fp32: the sum of x's R rotated columns of every bucket (rows rm, buckets
+    rk; mm / mk their masks; columns at or beyond K read as zero)."""
+    xrow = x_ptr + rm.to(tl.int64)[:, None] * sxm
+    acc = tl.zeros((rm.shape[0], rk.shape[0]), dtype=tl.float32)
+    for c in tl.static_range(R):
+        col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
+        if EVEN_K:
+            msk = mm[:, None] & mk[None, :]
+        else:
+            msk = mm[:, None] & (mk & (col < K))[None, :]
+        acc += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _tied_sketch_kernel(x_ptr, rot_ptr, u_ptr, M, K, KC, sxm, sum_, MB, R: tl.constexpr,
                         BK: tl.constexpr, VEC: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr,
                         EVEN_K: tl.constexpr):
@@ -167,15 +184,7 @@ def _tied_sketch_kernel(x_ptr, rot_ptr, u_ptr, M, K, KC, sxm, sum_, MB, R: tl.co
     rk = pid_k * BC + tl.arange(0, BC)
     rk = tl.max_contiguous(tl.multiple_of(rk, BC), BC)
     mm, mk = rm < M, rk < KC
-    xrow = x_ptr + rm.to(tl.int64)[:, None] * sxm
-    acc = tl.zeros((BM, BC), dtype=tl.float32)
-    for c in tl.static_range(R):
-        col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
-        if EVEN_K:
-            msk = mm[:, None] & mk[None, :]
-        else:
-            msk = mm[:, None] & (mk & (col < K))[None, :]
-        acc += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
+    acc = _tied_sketch_tile(x_ptr, rot_ptr, rm, rk, mm, mk, sxm, K, R, BK, VEC, EVEN_K)
     tl.store(u_ptr + rm.to(tl.int64)[:, None] * sum_ + rk[None, :], acc.to(u_ptr.dtype.element_ty),
              mask=mm[:, None] & mk[None, :])
 
@@ -485,15 +494,7 @@ def _sk16_sketch(x_ptr, rot_ptr, u_ptr, M, K, KC, sxm, pid, R: tl.constexpr, EVE
     rk = pid * SBC + tl.arange(0, SBC)
     rk = tl.max_contiguous(tl.multiple_of(rk, SBC), SBC)
     mk = rk < KC
-    xrow = x_ptr + rm.to(tl.int64)[:, None] * sxm
-    acc = tl.zeros((16, SBC), dtype=tl.float32)
-    for c in tl.static_range(R):
-        col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
-        if EVEN_K:
-            msk = mm[:, None] & mk[None, :]
-        else:
-            msk = mm[:, None] & (mk & (col < K))[None, :]
-        acc += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
+    acc = _tied_sketch_tile(x_ptr, rot_ptr, rm, rk, mm, mk, sxm, K, R, BK, VEC, EVEN_K)
     tl.store(u_ptr + rm[:, None] * KC + rk[None, :], acc.to(u_ptr.dtype.element_ty), mask=mm[:, None] & mk[None, :])
 
 
