@@ -158,6 +158,14 @@ def _tied_cols(k, rot_ptr, c, R: tl.constexpr, BK: tl.constexpr, VEC: tl.constex
 
 
 @triton.jit
+def _tied_mask(mm, mk, col, K, EVEN_K: tl.constexpr):
+    """Rows mm × buckets mk, and (unless K is a multiple of the hash block) the member columns inside K."""
+    if EVEN_K:
+        return mm[:, None] & mk[None, :]
+    return mm[:, None] & (mk & (col < K))[None, :]
+
+
+@triton.jit
 def _tied_sketch_tile(x_ptr, rot_ptr, rm, rk, mm, mk, sxm, K, R: tl.constexpr, BK: tl.constexpr, VEC: tl.constexpr,
                       EVEN_K: tl.constexpr):
     """u[rm, rk] of the tied sketch in fp32: the sum of x's R rotated columns of every bucket (rows rm, buckets
@@ -166,11 +174,7 @@ def _tied_sketch_tile(x_ptr, rot_ptr, rm, rk, mm, mk, sxm, K, R: tl.constexpr, B
     acc = tl.zeros((rm.shape[0], rk.shape[0]), dtype=tl.float32)
     for c in tl.static_range(R):
         col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
-        if EVEN_K:
-            msk = mm[:, None] & mk[None, :]
-        else:
-            msk = mm[:, None] & (mk & (col < K))[None, :]
-        acc += tl.load(xrow + col[None, :], mask=msk, other=0.0).to(tl.float32)
+        acc += tl.load(xrow + col[None, :], mask=_tied_mask(mm, mk, col, K, EVEN_K), other=0.0).to(tl.float32)
     return acc
 
 
@@ -204,11 +208,7 @@ def _tied_sketch_t_kernel(g_ptr, rot_ptr, gx_ptr, M, K, KC, sgm, sxm, MB, R: tl.
     xrow = gx_ptr + rm.to(tl.int64)[:, None] * sxm
     for c in tl.static_range(R):
         col = _tied_cols(rk, rot_ptr, c, R, BK, VEC)
-        if EVEN_K:
-            msk = mm[:, None] & mk[None, :]
-        else:
-            msk = mm[:, None] & (mk & (col < K))[None, :]
-        tl.store(xrow + col[None, :], gv, mask=msk)
+        tl.store(xrow + col[None, :], gv, mask=_tied_mask(mm, mk, col, K, EVEN_K))
 
 
 @triton.jit
