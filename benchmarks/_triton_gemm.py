@@ -56,13 +56,14 @@ def _mm_ws(a_ptr, b_ptr, c_ptr, M, N, K, NPROG: tl.constexpr, WS: tl.constexpr, 
 
 
 def matmul_ws(a, b, BM, BN, BK, num_warps, num_stages, ws=True):
+    from structlin.kernels import sm_count
     from structlin.kernels._gblr_ws import _ensure_allocator
 
     _ensure_allocator()
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty(M, N, device=a.device, dtype=a.dtype)
-    nprog = torch.cuda.get_device_properties(a.device).multi_processor_count
+    nprog = sm_count(a.device, 4)
     _mm_ws[(nprog,)](a, b, c, M, N, K, NPROG=nprog, WS=ws, BM=BM, BN=BN, BK=BK, GROUP=8,
                      num_warps=num_warps, num_stages=num_stages)
     return c

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from structlin.bench.graphs import capture
+
 SHAPES = [("q/k/v/o 4096→4096", 4096, 4096), ("gate/up 4096→11008", 4096, 11008), ("down 11008→4096", 11008, 4096)]
 MS = [4096, 16, 512, 2048, 16384]
 DEVICE = "cuda"
@@ -61,15 +63,7 @@ def bench(fn, graph=True):
     torch.cuda.synchronize()
     if graph:
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            gr = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(gr):
-                fn()
-            run = gr.replay
+            run = capture(fn, warm=1)[0].replay
         except Exception:
             run = fn
     else:

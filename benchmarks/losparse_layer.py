@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from structlin import budget
+from structlin.bench.graphs import capture
 from structlin.config import parse_options
 from structlin.kernels import losparse as ops
 from structlin.methods import losparse as lsp
@@ -59,16 +60,7 @@ def timer(fn, cuda: bool, graph: bool = True) -> float:
     from triton.testing import do_bench
 
     if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
+        fn = capture(fn)[0].replay
     return do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 

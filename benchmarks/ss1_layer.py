@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import structlin.methods.ss1 as ss1
+from structlin.bench.graphs import capture
 from structlin.kernels import ss1 as ops
 
 SHAPES = {"gpt2.fc1": (768, 3072), "gpt2.fc2": (3072, 768), "bert-l.fc1": (1024, 4096),
@@ -42,16 +43,7 @@ def timer(fn, cuda: bool, graph: bool) -> float:
         return statistics.median(ts)
     from triton.testing import do_bench
     if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
+        fn = capture(fn)[0].replay
     return do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 

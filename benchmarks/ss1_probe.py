@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import structlin.methods.ss1 as ss1
+from structlin.bench.graphs import capture
 from structlin.kernels import ss1 as ops
 
 SH = {"qo": (4096, 4096), "up": (4096, 14336), "down": (14336, 4096)}
@@ -37,17 +38,7 @@ def log(s):
 
 
 def T(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return do_bench(g.replay, warmup=5, rep=25, return_mode="median")
+    return do_bench(capture(fn)[0].replay, warmup=5, rep=25, return_mode="median")
 
 
 def rel(a, b):

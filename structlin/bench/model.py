@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .graphs import capture
+
 PRESETS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                      num_key_value_heads=4, vocab_size=32000),
@@ -137,16 +139,8 @@ class Runner:
         self.fn, self.mode, self.graph = fn, "eager", None
         if use_graph and torch.cuda.is_available():
             try:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(2):
-                        fn()
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    self.out = fn()
-                self.graph, self.mode = g, "graph"
+                self.graph, self.out = capture(fn, warm=2)
+                self.mode = "graph"
             except Exception as e:  # noqa: BLE001 — report and fall back to eager
                 self.mode = f"eager ({type(e).__name__})"
                 torch.cuda.synchronize()

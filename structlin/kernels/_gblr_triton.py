@@ -140,6 +140,18 @@ def chunk_gemm(a, bt, ptr, acol, brow, depth, out_cols, bias=None, config=None, 
 
 
 @triton.jit
+def _dot_factor(acc, av, w_ptr, w_desc, brow, off_n, rk, cn, sw, USE_TMA: tl.constexpr, IEEE: tl.constexpr):
+    """acc + av @ the (BK × BN) tile of a packed factor at row brow, column off_n (TMA or pointer load)."""
+    if USE_TMA:
+        bv = w_desc.load([brow, off_n])
+    else:
+        bv = tl.load(w_ptr + (brow + rk)[:, None] * sw + cn[None, :])
+    if IEEE:
+        return acc + tl.dot(av, bv, input_precision="ieee")
+    return acc + tl.dot(av, bv)
+
+
+@triton.jit
 def _stage1_acc(x_ptr, x_desc, w1_ptr, w1_desc, ptr1, acol1, brow1, b, off_m, off_n, M, K, KP, sxm, sw1,
                 T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_M: tl.constexpr,
                 EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, IEEE: tl.constexpr):
@@ -160,7 +172,6 @@ def _stage1_acc(x_ptr, x_desc, w1_ptr, w1_desc, ptr1, acol1, brow1, b, off_m, of
         brow = tl.multiple_of(b0 + it * BK, 16)
         if USE_TMA:
             av = x_desc.load([off_m, col0])
-            bv = w1_desc.load([brow, off_n])
         else:
             cols = col0 + rk
             if EVEN_M and EVEN_K:
@@ -168,11 +179,7 @@ def _stage1_acc(x_ptr, x_desc, w1_ptr, w1_desc, ptr1, acol1, brow1, b, off_m, of
             else:
                 av = tl.load(x_ptr + rm[:, None] * sxm + cols[None, :],
                              mask=(rm < M)[:, None] & (cols < K)[None, :], other=0.0)
-            bv = tl.load(w1_ptr + (brow + rk)[:, None] * sw1 + cn[None, :])
-        if IEEE:
-            acc += tl.dot(av, bv, input_precision="ieee")
-        else:
-            acc += tl.dot(av, bv)
+        acc = _dot_factor(acc, av, w1_ptr, w1_desc, brow, off_n, rk, cn, sw1, USE_TMA, IEEE)
     return acc
 
 
@@ -200,14 +207,7 @@ def _stage2_acc(h_ptr, w2_ptr, w2_desc, ptr2, acol2, brow2, j, off_m, off_n, M, 
         else:
             av = tl.load(h_ptr + rm[:, None] * shm + cols[None, :], mask=(rm < M)[:, None], other=0.0,
                          cache_modifier=".cg")
-        if USE_TMA:
-            bv = w2_desc.load([brow, off_n])
-        else:
-            bv = tl.load(w2_ptr + (brow + rk)[:, None] * sw2 + cn[None, :])
-        if IEEE:
-            acc += tl.dot(av, bv, input_precision="ieee")
-        else:
-            acc += tl.dot(av, bv)
+        acc = _dot_factor(acc, av, w2_ptr, w2_desc, brow, off_n, rk, cn, sw2, USE_TMA, IEEE)
     return acc
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from structlin.kernels import sm_count
+
 
 @triton.jit
 def _ws_stage_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, jobs_ptr, jptr_ptr, sptr_ptr, steps_ptr,
@@ -174,7 +176,7 @@ def gblr_forward_ws(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int
     if S % cfg["BN1"] or T % cfg["BK"] or S % cfg["BK"] or cfg["BN2"] != T:
         raise ValueError(f"gblr_forward_ws: tiles {cfg} do not fit tile {T} / rank {S}")
     if nprog is None:
-        nprog = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        nprog = sm_count(x.device, 4)
     kp = triton.cdiv(K, T) * T
     # the plan depends on M only through the row-block counts: one plan serves every M of the same blocks
     key = ("ws", triton.cdiv(M, cfg["BM1"]), triton.cdiv(M, cfg["BM2"]), nprog, repr(sorted(cfg.items())), x.device)

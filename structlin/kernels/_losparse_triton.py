@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from structlin.kernels import sm_count
+
 
 @triton.jit
 def _lr_add_kernel(h_ptr, l_ptr, b_ptr, inv_ptr, y_ptr, M, N, R,
@@ -172,18 +174,6 @@ def _decode_kernel(x_ptr, w_ptr, l_ptr, b_ptr, inv_ptr, ws_ptr, y_ptr, cnt_ptr,
 DECODE_MAX_M = 16
 DECODE_CONFIG = dict(BJ=32, BK=256, warps=4, stages=4)  # phase-1 rows per tile, K step, warps, pipeline depth
 _COUNTERS: dict = {}
-_SMS: dict = {}
-
-
-def _programs(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
-
-
 def _counter(device: torch.device, nprog: int) -> torch.Tensor:
     """The barrier's arrival counter, one per (device, stream, grid size): launches on one stream never
     overlap, and a launch of P programs adds exactly P, so the count is a multiple of P at every launch."""
@@ -224,7 +214,7 @@ def decode(x: torch.Tensor, right: torch.Tensor, left: torch.Tensor, inv: torch.
         return y
     cfg = dict(DECODE_CONFIG)
     cfg.update(config or {})
-    kchunk, ns, nprog, BN = decode_plan(M, K, J, N, R, _programs(x.device), cfg["BJ"], cfg["BK"])
+    kchunk, ns, nprog, BN = decode_plan(M, K, J, N, R, sm_count(x.device, 8), cfg["BJ"], cfg["BK"])
     ws = torch.empty(ns * M * J, dtype=torch.float32, device=x.device)
     interp = x.device.type != "cuda"
     two = interp if two_launches is None else two_launches

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from structlin.kernels import sm_count
 from structlin.kernels._ss1_triton import _tied_cols, tied_vec
 
 
@@ -126,18 +127,6 @@ def supported(src: torch.Tensor, weight: torch.Tensor, tma_src: bool = True) -> 
             and src.stride(1) == 1 and al(weight) and (al(src) or not tma_src))
 
 
-_SMS: dict = {}
-
-
-def _sms(dev) -> int:
-    if dev.type != "cuda":
-        return 4
-    i = dev.index if dev.index is not None else torch.cuda.current_device()
-    if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-    return _SMS[i]
-
-
 SMEM_BUDGET = 176 * 1024   # pipelined operand stages (Triton adds its epilogue scratch; the limit is 227 KB)
 
 
@@ -177,7 +166,7 @@ def _launch(weight, bias, config, pdl, u=None, x=None, rot=None, bk=1):
         return y
     fuse = u is None
     R = rot.shape[0] if fuse else 1
-    c = dict(default_config(M, N, kc, src.dtype, _sms(dev), R))
+    c = dict(default_config(M, N, kc, src.dtype, sm_count(dev, 4), R))
     c.update(config or {})
     BM, BK = c["BM"], c["BK"]
     # shared memory: Triton stages the W0 box and (FUSE) the R gathered x runs of each K step

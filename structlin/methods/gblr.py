@@ -345,7 +345,7 @@ class GBLRLinear(StructuredLinear):
         torch reference — also whenever autograd needs a backward (the kernels have none)."""
         s = self.spec
         C = s.components
-        grad = torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters()))
+        grad = self._records_grad(x2)
         if use_triton is None:     # the Triton kernels have no backward: autograd takes the torch path
             use_triton = not grad and x2.is_cuda and K_ops.triton_supported(x2, s.tile, s.rank) and \
                 K_ops.triton_supported(x2, s.rank, s.tile)
@@ -376,8 +376,12 @@ class GBLRLinear(StructuredLinear):
         CPU always runs the tile reference (its cost follows the snapped FLOPs there too)."""
         if self.force_path is not None:
             return self.force_path
-        return path_rule(self.spec, x2.shape[0], x2.device.type, torch.is_grad_enabled() and any(
-            p.requires_grad for p in self.parameters()), x2.dtype)
+        return path_rule(self.spec, x2.shape[0], x2.device.type, self._records_grad(), x2.dtype)
+
+    def _records_grad(self, x: torch.Tensor | None = None) -> bool:
+        """Whether autograd records this call (grad mode on and a parameter — or `x` — requires grad)."""
+        return torch.is_grad_enabled() and ((x is not None and x.requires_grad) or
+                                            any(p.requires_grad for p in self.parameters()))
 
     def merged_weight(self, device, dtype) -> torch.Tensor:
         key = (device, dtype)
