@@ -98,7 +98,7 @@ def step_lists(tabs: dict, tile: int, rank: int, kp: int, BK: int):
 def schedule(lengths: list[int], rows: list[int], nprog: int, group: int, overhead: float = 2.0):
     """Greedy list scheduling of jobs onto `nprog` programs: jobs ordered by row-block group (so the
     programs in flight share rows of A in L2), longest first within a group; each goes to the program free
-    first. Returns (order of jobs per program, flattened; jptr; simulated makespan; makespan / mean load)."""
+    first. Returns (order of jobs per program, flattened; jptr; simulated makespan / mean load)."""
     order = sorted(range(len(lengths)), key=lambda j: (rows[j] // group, -lengths[j]))
     heap = [(0.0, p) for p in range(nprog)]
     per = [[] for _ in range(nprog)]
@@ -112,7 +112,7 @@ def schedule(lengths: list[int], rows: list[int], nprog: int, group: int, overhe
         flat += per[p]
         jptr.append(len(flat))
     mean = sum(loads) / nprog
-    return flat, jptr, max(loads), (max(loads) / mean if mean else 1.0)
+    return flat, jptr, (max(loads) / mean if mean else 1.0)
 
 
 def _pow2_dividing(n: int, cap: int) -> int:
@@ -158,7 +158,7 @@ def _plan(M, tabs, tile, rank, kp, cfg, nprog, device):
     for BM, BN, sptr, ocols, nsub in ((BM1, BN1, sp1, [k * rank for k in range(len(sp1) - 1)], rank // BN1),
                                       (BM2, BN2, sp2, [j * tile for j in range(len(sp2) - 1)], 1)):
         jobs, lens, rows = _jobs(M, BM, BN, sptr, ocols, nsub)
-        order, jptr, _, bal = schedule(lens, rows, nprog, max(1, cfg["G"] * 128 // BM))
+        order, jptr, bal = schedule(lens, rows, nprog, max(1, cfg["G"] * 128 // BM))
         stages.append((t([jobs[j] for j in order]).reshape(-1, 4), t(jptr), bal))
     return {"stages": stages, "lists": (t(sp1), t(st1), t(sp2), t(st2))}
 
