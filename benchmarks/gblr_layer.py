@@ -93,9 +93,11 @@ OLD_CFGS = {128: ({"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages":
 # candidate kernels at M = 4096 (each entry compiles once: the integer arguments of all shapes share one
 # specialisation). "ws": two persistent launches (one per stage), one program per SM walking a host-scheduled
 # job list, the job loop warp-specialised (a producer warp streams the next job's tiles; Hopper, the default
-# there); "fused": one launch, stage-2 jobs wait on per-row-block counters of stage 1 (the default before).
+# there; its stages run the Gluon kernel with explicit partitions where Triton has Gluon, "GLUON": False the
+# Triton one); "fused": one launch, stage-2 jobs wait on per-row-block counters of stage 1 (the default before).
 SEARCH = [
     ("ws 128x256 / 256x128", {"kernel": "ws"}),
+    ("ws, Triton stage kernel", {"kernel": "ws", "GLUON": False}),
     ("ws, 2 load stages", {"kernel": "ws", "num_stages": 2}),
     ("ws, stage 2 128x128", {"kernel": "ws", "BM2": 128}),
     ("ws, row groups of 8", {"kernel": "ws", "G": 8}),

@@ -316,8 +316,14 @@ def test_ws_kernel_matches_float64_reference(interpret):
     y = L32.tiles_forward(x[:33].float(), use_triton=True, config={"kernel": "ws", **cfg})
     assert len(L32._kcache) == n and ((y.double() - ref[:33]).norm() / ref[:33].norm()) < 1e-5
     for plan in plans:
-        for jobs, jptr, _ in plan["stages"]:
+        assert "inline" not in plan            # the CPU runs the Triton kernel (Gluon has no interpreter)
+        for (jobs, jptr, _), sptr in zip(plan["stages"], plan["lists"][::2]):
             assert int(jptr[-1]) == jobs.shape[0] == len({tuple(r) for r in jobs.tolist()})
+            if KW.gluon_stage() is not None:   # the Gluon kernel's rows: the step range of the job's list inline
+                rows = KW.gluon_stage().inline_jobs(jobs, sptr)
+                assert rows[:, [0, 3, 4]].tolist() == jobs[:, [0, 2, 3]].tolist()
+                assert rows[:, 1].tolist() == [int(sptr[k]) for k in jobs[:, 1]]
+                assert rows[:, 2].tolist() == [int(sptr[k + 1]) for k in jobs[:, 1]]
     yh = L.to(torch.float16).tiles_forward(x.to(torch.float16), use_triton=True,
                                            config={"kernel": "ws", "BM1": 16, "BM2": 16, "BK": 16})
     assert ((yh.double() - ref).norm() / ref.norm()) < 5e-3
@@ -328,20 +334,29 @@ def test_ws_kernel_matches_float64_reference(interpret):
                     reason="the warp-specialised kernels run on Hopper GPUs (the interpreter test covers the CPU)")
 @torch.no_grad()
 def test_ws_kernel_on_gpu():
-    """On the GPU (the default path there): bias, fp16 and bf16, M not a multiple of the row tiles, K ending in a
-    partial tile, a wrapping input box; against a float64 reference on fresh inputs, outputs poisoned first."""
+    """On the GPU (the default path there, the Gluon stage kernel where Triton has Gluon, and the Triton one):
+    bias, fp16 and bf16, M not a multiple of the row tiles, K ending in a partial tile, a wrapping input box,
+    tile 256 (stage-2 tiles of 128 rows); against a float64 reference on fresh inputs, outputs poisoned first,
+    each kernel called twice."""
+    from structlin.kernels import _gblr_ws as KW
     for (K, N, s, T, C), M, dt in (((1000, 768, 64, 128, 5), 300, torch.bfloat16),
                                    ((1000, 768, 64, 128, 5), 1000, torch.float16),
-                                   ((2048, 1536, 256, 128, 6), 2500, torch.bfloat16)):
+                                   ((2048, 1536, 256, 128, 6), 2500, torch.bfloat16),
+                                   ((1536, 1024, 128, 256, 4), 700, torch.bfloat16)):
         L = random_exported(K, N, s, T, C, seed=K + M)
-        x = torch.randn(M, K, dtype=f64)
-        ref = x @ L.to_dense().T + L.bias.detach()
+        W, b = L.to_dense().detach().clone(), L.bias.detach().clone()
         Lg = L.to(device="cuda", dtype=dt).requires_grad_(False)
-        torch.full((M, N), float("nan"), device="cuda", dtype=dt)
-        y = Lg.tiles_forward(x.to("cuda", dt), use_triton=True)
-        assert any(k[0] == "ws" for k in Lg._kcache), "the default CUDA path should be the ws kernels"
-        assert torch.isfinite(y).all()
-        assert ((y.double().cpu() - ref).norm() / ref.norm()) < 1e-2
+        for cfg in ({}, {"GLUON": False}):
+            for _ in range(2):
+                x = torch.randn(M, K, dtype=f64)
+                ref = x @ W.T + b
+                torch.full((M, N), float("nan"), device="cuda", dtype=dt)
+                y = Lg.tiles_forward(x.to("cuda", dt), use_triton=True, config=cfg or None)
+                assert torch.isfinite(y).all()
+                assert ((y.double().cpu() - ref).norm() / ref.norm()) < 1e-2, (K, N, s, T, M, dt, cfg)
+        plans = [v for k, v in Lg._kcache.items() if k[0] == "ws"]
+        assert len(plans) == 2, "the default CUDA path should be the ws kernels' plans"
+        assert any("inline" in p for p in plans) == (KW.gluon_stage() is not None)
 
 
 @pytest.mark.triton_interpret
