@@ -166,9 +166,10 @@ def _plan(M, tabs, tile, rank, kp, cfg, nprog, device):
         jobs, lens, rows = _jobs(M, BM, BN, sptr, ocols, nsub)
         order, jptr, bal = schedule(lens, rows, nprog, max(1, cfg["G"] * 128 // BM))
         stages.append((t([jobs[j] for j in order]).reshape(-1, 4), t(jptr), bal))
-    ent = {"stages": stages, "lists": (t(sp1), t(st1), t(sp2), t(st2))}
+    lists = (t(sp1), t(st1), t(sp2), t(st2))
+    ent = {"stages": stages, "lists": lists}
     if device.type == "cuda" and gluon_stage() is not None:     # the Gluon kernel's tables: step ranges inline
-        ent["inline"] = [gluon_stage().inline_jobs(jobs, sp) for (jobs, _, _), sp in zip(stages, (t(sp1), t(sp2)))]
+        ent["inline"] = [gluon_stage().inline_jobs(jobs, sp) for (jobs, _, _), sp in zip(stages, lists[::2])]
     return ent
 
 
@@ -218,8 +219,8 @@ def gblr_forward_ws(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int
     x = x.contiguous()
     h = torch.empty(M, HC, dtype=x.dtype, device=x.device)
     BM1, BN1, BM2, BN2, BK = cfg["BM1"], cfg["BN1"], cfg["BM2"], cfg["BN2"], cfg["BK"]
-    if cfg["GLUON"] and "inline" in ent and x.dtype != torch.float32 and gluon_stage() is not None:
-        gws = gluon_stage()
+    gws = gluon_stage() if cfg["GLUON"] and "inline" in ent and x.dtype != torch.float32 else None
+    if gws is not None:
         (i1, i2), ns = ent["inline"], cfg["num_stages"]
         try:
             gws.stage(x, w_in, h, None, i1, p1, st1, BM1, BN1, BK, HC, ns, nprog)
