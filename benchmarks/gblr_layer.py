@@ -94,9 +94,12 @@ OLD_CFGS = {128: ({"BM": 128, "BN": 128, "BK": 64, "num_warps": 4, "num_stages":
 # specialisation). "ws": two persistent launches (one per stage), one program per SM walking a host-scheduled
 # job list, the job loop warp-specialised (a producer warp streams the next job's tiles; Hopper, the default
 # there; its stages run the Gluon kernel with explicit partitions where Triton has Gluon, "GLUON": False the
-# Triton one); "fused": one launch, stage-2 jobs wait on per-row-block counters of stage 1 (the default before).
+# Triton one; with Gluon, stage 2 is by default a dependent launch on the SMs stage 1 leaves, waiting per row
+# block, "PDL": False two plain launches); "fused": one launch, stage-2 jobs wait on per-row-block counters of
+# stage 1 (the default before).
 SEARCH = [
     ("ws 128x256 / 256x128", {"kernel": "ws"}),
+    ("ws, two launches (no dependent stage 2)", {"kernel": "ws", "PDL": False}),
     ("ws, Triton stage kernel", {"kernel": "ws", "GLUON": False}),
     ("ws, 2 load stages", {"kernel": "ws", "num_stages": 2}),
     ("ws, stage 2 128x128", {"kernel": "ws", "BM2": 128}),

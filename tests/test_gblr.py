@@ -330,14 +330,47 @@ def test_ws_kernel_matches_float64_reference(interpret):
     assert KW.supported(128, 256) and KW.supported(64, 48) is False and KW.supported(96, 64) is False
 
 
+def test_dependent_plan_fills_stage_one_tail():
+    """The dependent pair's stage-2 schedule: every job once; no job starts (simulated) before its row block's
+    stage-1 tiles are published; each stage-2 row block waits for exactly its stage-1 jobs' publications; and
+    with stage 1's long jobs leaving an uneven tail, the pair ends before two launches would."""
+    from structlin.kernels import _gblr_ws as KW
+    # stage 1: 32 row blocks of 128 rows, jobs 42, 40, 38, 22, 18, 18, 6, 4 steps long (the 4096² layer's)
+    l1 = [42, 40, 38, 22, 18, 18, 6, 4]
+    lens1 = [v for _ in range(32) for v in l1]
+    rows1 = [r for r in range(32) for _ in l1]
+    order1, jptr1, _, ends1, done1 = KW.schedule(lens1, rows1, 132, 16)
+    assert sorted(order1) == list(range(len(lens1))) and jptr1[-1] == len(lens1)
+    lens2 = [4 * (1 + (n % 5)) for _ in range(16) for n in range(32)]          # 16 row blocks of 256 rows
+    rows2 = [r for r in range(16) for _ in range(32)]
+    order2, jptr2, need, span = KW.dependent_plan(rows1, ends1, done1, lens2, rows2, 2, 16, 132, 2, group=8)
+    assert sorted(order2) == list(range(len(lens2))) and jptr2[-1] == len(lens2) and len(jptr2) == 133
+    assert need == [2 * 2 * len(l1)] * 16                # two halves of each of 2 × 8 stage-1 tiles
+    _, _, _, ends2, _ = KW.schedule(lens2, rows2, 132, 8)
+    assert span < max(ends1) + 2.0 + max(ends2)
+    # replay the plan: program i starts 2 steps after stage 1's i-th program to finish
+    starts = [e + 2.0 for e in sorted(ends1)]
+    ready = {q: max(done1[2 * q], done1[2 * q + 1]) + 1.0 for q in range(16)}
+    for p in range(132):
+        t = starts[p]
+        for j in order2[jptr2[p]:jptr2[p + 1]]:
+            t = max(t, ready[rows2[j]]) + lens2[j] + 2.0
+            assert t <= span
+    # an odd row-block count: the last stage-2 row block holds one stage-1 row block
+    order2, jptr2, need, _ = KW.dependent_plan(rows1[:-len(l1)], ends1, done1, lens2[:-32], rows2[:-32], 2, 16,
+                                               132, 2)
+    assert need[-1] == 2 * len(l1) and need[0] == 4 * len(l1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="the warp-specialised kernels run on Hopper GPUs (the interpreter test covers the CPU)")
 @torch.no_grad()
 def test_ws_kernel_on_gpu():
-    """On the GPU (the default path there, the Gluon stage kernel where Triton has Gluon, and the Triton one):
-    bias, fp16 and bf16, M not a multiple of the row tiles, K ending in a partial tile, a wrapping input box,
-    tile 256 (stage-2 tiles of 128 rows); against a float64 reference on fresh inputs, outputs poisoned first,
-    each kernel called twice."""
+    """On the GPU (the default path there, the Gluon stage kernel where Triton has Gluon — as the dependent
+    pair, forced, and as two launches — and the Triton one): bias, fp16 and bf16, M not a multiple of the row
+    tiles, K ending in a partial tile, a wrapping input box, tile 256 (stage-2 tiles of 128 rows); against a
+    float64 reference on fresh inputs, outputs poisoned first, each kernel called twice (the pair's counters
+    must be back at zero)."""
     from structlin.kernels import _gblr_ws as KW
     for (K, N, s, T, C), M, dt in (((1000, 768, 64, 128, 5), 300, torch.bfloat16),
                                    ((1000, 768, 64, 128, 5), 1000, torch.float16),
@@ -346,7 +379,7 @@ def test_ws_kernel_on_gpu():
         L = random_exported(K, N, s, T, C, seed=K + M)
         W, b = L.to_dense().detach().clone(), L.bias.detach().clone()
         Lg = L.to(device="cuda", dtype=dt).requires_grad_(False)
-        for cfg in ({}, {"GLUON": False}):
+        for cfg in ({}, {"PDL": "always"}, {"PDL": False}, {"GLUON": False}):
             for _ in range(2):
                 x = torch.randn(M, K, dtype=f64)
                 ref = x @ W.T + b
@@ -355,8 +388,11 @@ def test_ws_kernel_on_gpu():
                 assert torch.isfinite(y).all()
                 assert ((y.double().cpu() - ref).norm() / ref.norm()) < 1e-2, (K, N, s, T, M, dt, cfg)
         plans = [v for k, v in Lg._kcache.items() if k[0] == "ws"]
-        assert len(plans) == 2, "the default CUDA path should be the ws kernels' plans"
+        assert len(plans) == 4, "the default CUDA path should be the ws kernels' plans"
         assert any("inline" in p for p in plans) == (KW.gluon_stage() is not None)
+        # the forced dependent pair ran (its counters are back at zero: every row block's last job reset them)
+        assert any("cnt" in p for p in plans) == (KW.gluon_stage() is not None)
+        assert all(int(p["cnt"].abs().sum()) == 0 for p in plans if "cnt" in p)
 
 
 @pytest.mark.triton_interpret

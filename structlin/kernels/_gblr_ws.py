@@ -99,24 +99,41 @@ def step_lists(tabs: dict, tile: int, rank: int, kp: int, BK: int):
     return (*build(g["ptr1"], g["acol1"], g["brow1"], tile, kp), *build(g["ptr2"], g["acol2"], g["brow2"], rank, 0))
 
 
-def schedule(lengths: list[int], rows: list[int], nprog: int, group: int, overhead: float = 2.0):
+def schedule(lengths: list[int], rows: list[int], nprog: int, group: int, overhead: float = 2.0,
+             ready: list[float] | None = None, starts: list[float] | None = None):
     """Greedy list scheduling of jobs onto `nprog` programs: jobs ordered by row-block group (so the
     programs in flight share rows of A in L2), longest first within a group; each goes to the program free
-    first. Returns (order of jobs per program, flattened; jptr; simulated makespan / mean load)."""
-    order = sorted(range(len(lengths)), key=lambda j: (rows[j] // group, -lengths[j]))
-    heap = [(0.0, p) for p in range(nprog)]
+    first. With `ready` (per row block: when its inputs are there) and `starts` (per program, ascending: when
+    it starts), the groups go in order of their last row block's ready time and no job starts before its own
+    row block's. Returns (order of jobs per program, flattened; jptr; simulated makespan / mean load; simulated
+    end time of every program; of every row block's last job)."""
+    if ready is None:
+        order = sorted(range(len(lengths)), key=lambda j: (rows[j] // group, -lengths[j]))
+    else:   # groups of row blocks in order of their last one's ready time
+        gr = {}
+        for r, v in enumerate(ready):
+            gr[r // group] = max(gr.get(r // group, v), v)
+        order = sorted(range(len(lengths)), key=lambda j: (gr[rows[j] // group], rows[j] // group, -lengths[j]))
+    heap = [(0.0 if starts is None else float(starts[p]), p) for p in range(nprog)]
+    heapq.heapify(heap)
     per = [[] for _ in range(nprog)]
+    done: dict = {}
     for j in order:
         t, p = heapq.heappop(heap)
         per[p].append(j)
-        heapq.heappush(heap, (t + lengths[j] + overhead, p))
-    loads = [t for t, _ in heap]
+        end = (t if ready is None else max(t, ready[rows[j]])) + lengths[j] + overhead
+        done[rows[j]] = max(done.get(rows[j], 0.0), end)
+        heapq.heappush(heap, (end, p))
+    ends = [0.0] * nprog
+    for t, p in heap:
+        ends[p] = t
     flat, jptr = [], [0]
     for p in range(nprog):
         flat += per[p]
         jptr.append(len(flat))
-    mean = sum(loads) / nprog
-    return flat, jptr, (max(loads) / mean if mean else 1.0)
+    busy = [e - (0.0 if starts is None else starts[p]) for p, e in enumerate(ends)]
+    mean = sum(busy) / nprog
+    return flat, jptr, (max(ends) / mean if mean else 1.0), ends, done
 
 
 def _pow2_dividing(n: int, cap: int) -> int:
@@ -138,10 +155,12 @@ def ws_config(M: int, tile: int, rank: int) -> dict:
     tile (BN = tile ≤ 256), BK 64; 4 warps per partition (Triton's Hopper warp specialisation makes a
     producer warp and two consumer warpgroups of them); 3 load stages; row-block groups of 16 × 128 rows.
     GLUON: on a CUDA device run the same jobs with the Gluon stage kernel (`_gblr_gws`, explicit partitions)
-    where Triton has Gluon's Hopper API; False forces the Triton kernel."""
+    where Triton has Gluon's Hopper API; False forces the Triton kernel. PDL (Gluon only): stage 2 is a
+    dependent launch that starts on the SMs stage 1 leaves and waits per row block (`dependent_plan`), where
+    the schedule simulation says it is not slower than two launches ("always": regardless; False: never)."""
     return {"BM1": 128, "BN1": min(256, rank), "BM2": 256 if tile <= 128 else 128, "BN2": tile,
             "BK": min(_pow2_dividing(tile, 64), _pow2_dividing(rank, 64)),
-            "num_warps": 4, "num_stages": 3, "G": 16, "WS": True, "GLUON": True}
+            "num_warps": 4, "num_stages": 3, "G": 16, "WS": True, "GLUON": True, "PDL": True}
 
 
 def _jobs(M, BM, BN, sptr, ocols, nsub):
@@ -156,21 +175,64 @@ def _jobs(M, BM, BN, sptr, ocols, nsub):
 
 
 def _plan(M, tabs, tile, rank, kp, cfg, nprog, device):
-    """Job tables and per-program job lists of both stages (cached per layer and M by the caller)."""
+    """Job tables and per-program job lists of both stages (cached per layer and M by the caller). On CUDA
+    where the Gluon kernel runs, its tables ("inline"); with cfg PDL (and stage 2's row blocks whole
+    multiples of stage 1's) stage 2 is planned as a dependent launch: its program i starts where stage 1's
+    i-th program to finish leaves its SM (simulated), its jobs in order of their row block's readiness."""
     BM1, BN1, BM2, BN2, BK = cfg["BM1"], cfg["BN1"], cfg["BM2"], cfg["BN2"], cfg["BK"]
     sp1, st1, sp2, st2 = step_lists(tabs, tile, rank, kp, BK)
     t = lambda v: torch.tensor(v, dtype=torch.int32, device=device)
-    stages = []
+    stages, sims = [], []
     for BM, BN, sptr, ocols, nsub in ((BM1, BN1, sp1, [k * rank for k in range(len(sp1) - 1)], rank // BN1),
                                       (BM2, BN2, sp2, [j * tile for j in range(len(sp2) - 1)], 1)):
         jobs, lens, rows = _jobs(M, BM, BN, sptr, ocols, nsub)
-        order, jptr, bal = schedule(lens, rows, nprog, max(1, cfg["G"] * 128 // BM))
+        order, jptr, bal, ends, done = schedule(lens, rows, nprog, max(1, cfg["G"] * 128 // BM))
         stages.append((t([jobs[j] for j in order]).reshape(-1, 4), t(jptr), bal))
+        sims.append((jobs, lens, rows, order, ends, done))
     lists = (t(sp1), t(st1), t(sp2), t(st2))
     ent = {"stages": stages, "lists": lists}
-    if device.type == "cuda" and gluon_stage() is not None:     # the Gluon kernel's tables: step ranges inline
-        ent["inline"] = [gluon_stage().inline_jobs(jobs, sp) for (jobs, _, _), sp in zip(stages, lists[::2])]
+    gws = gluon_stage() if device.type == "cuda" else None
+    if gws is None:
+        return ent
+    inline = [(gws.inline_jobs(jobs, sp), jptr) for (jobs, jptr, _), sp in zip(stages, lists[::2])]
+    (_, _, rows1, _, ends1, done1), (jobs2, lens2, rows2, _, ends2, _) = sims
+    if cfg.get("PDL") and BM2 % BM1 == 0:
+        order2, jptr2, need, span = dependent_plan(rows1, ends1, done1, lens2, rows2, BM2 // BM1,
+                                                   triton.cdiv(M, BM2), nprog, gws.PUBLISHERS,
+                                                   group=max(1, cfg["G"] * 128 // BM2))
+        # simulated steps per SM: two launches (the second starts a launch latency after the first's last
+        # program ends) against the dependent pair; the pair where it is not slower
+        two = max(ends1, default=0.0) + 2.0 + max(ends2, default=0.0)
+        ent["sim_steps"] = (two, span)
+        if span <= two or cfg["PDL"] == "always":
+            i1 = inline[0][0]
+            i1[:, 5] = stages[0][0][:, 0] // (BM2 // BM1)     # stage 1 publishes on its stage-2 row block
+            j2 = t([jobs2[j] for j in order2]).reshape(-1, 4)
+            i2 = gws.inline_jobs(j2, lists[2])
+            i2[:, 5] = t(need)[j2[:, 0].long()]
+            i2[:, 6] = sum(need)
+            inline[1] = (i2, t(jptr2))
+            # one count per stage-2 row block, the total, the programs done (the kernels leave them at zero)
+            ent["cnt"] = torch.zeros(len(need) + 2, dtype=torch.int32, device=device)
+    ent["inline"] = inline
     return ent
+
+
+def dependent_plan(rows1, ends1, done1, lens2, rows2, ratio: int, nrb2: int, nprog: int, publishers: int,
+                   publish: float = 1.0, latency: float = 2.0, group: int = 1):
+    """Stage 2 as a dependent launch (steps as the time unit, as in `schedule`): its program i starts
+    `latency` after stage 1's i-th program to finish (the block scheduler hands a left SM to the next waiting
+    program in order), and a job no earlier than its row block's stage-1 tiles (row blocks ratio·q ..
+    ratio·q + ratio − 1 of stage 1) are published, `publish` after the last one's end. Returns (stage-2 job
+    order; jptr; publications each stage-2 row block waits for; simulated end of the pair)."""
+    ready = [max((done1[b] for b in range(q * ratio, (q + 1) * ratio) if b in done1), default=0.0) + publish
+             for q in range(nrb2)]
+    order, jptr, _, ends, _ = schedule(lens2, rows2, nprog, group, ready=ready,
+                                       starts=[e + latency for e in sorted(ends1)])
+    need = [0] * nrb2
+    for rb in rows1:
+        need[rb // ratio] += publishers
+    return order, jptr, need, max(ends, default=0.0)
 
 
 def gluon_stage():
@@ -221,13 +283,16 @@ def gblr_forward_ws(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int
     BM1, BN1, BM2, BN2, BK = cfg["BM1"], cfg["BN1"], cfg["BM2"], cfg["BN2"], cfg["BK"]
     gws = gluon_stage() if cfg["GLUON"] and "inline" in ent and x.dtype != torch.float32 else None
     if gws is not None:
-        (i1, i2), ns = ent["inline"], cfg["num_stages"]
+        ((i1, q1), (i2, q2)), ns, cnt = ent["inline"], cfg["num_stages"], ent.get("cnt")
         try:
-            gws.stage(x, w_in, h, None, i1, p1, st1, BM1, BN1, BK, HC, ns, nprog)
-            return gws.stage(h, w_out, y, bias, i2, p2, st2, BM2, BN2, BK, n_out, ns, nprog)
+            gws.stage(x, w_in, h, None, i1, q1, st1, BM1, BN1, BK, HC, ns, nprog, cnt, 0 if cnt is None else 1)
+            return gws.stage(h, w_out, y, bias, i2, q2, st2, BM2, BN2, BK, n_out, ns, nprog, cnt,
+                             0 if cnt is None else 2)
         except Exception as e:      # a Triton whose Gluon API differs: say so once, then the Triton kernel
             global _GWS
             _GWS = None
+            if cnt is not None:     # stage 1 may have run (its counts are never read: Gluon is off from now)
+                cnt.zero_()
             warnings.warn(f"gblr: the Gluon stage kernel does not compile with Triton {triton.__version__} "
                           f"({type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}); using the Triton "
                           "kernel (pass config={'GLUON': False} to skip the attempt)", RuntimeWarning, stacklevel=3)
