@@ -390,9 +390,22 @@ def test_ws_kernel_on_gpu():
         plans = [v for k, v in Lg._kcache.items() if k[0] == "ws"]
         assert len(plans) == 4, "the default CUDA path should be the ws kernels' plans"
         assert any("inline" in p for p in plans) == (KW.gluon_stage() is not None)
-        # the forced dependent pair ran (its counters are back at zero: every row block's last job reset them)
+        # the forced dependent pair ran: its counts grew by exactly one call's publications per call, and the
+        # programs-done count is back at zero with the calls counted
         assert any("cnt" in p for p in plans) == (KW.gluon_stage() is not None)
-        assert all(int(p["cnt"].abs().sum()) == 0 for p in plans if "cnt" in p)
+        for p in plans:
+            if "cnt" in p:
+                c, ((_, _), (i2, _)) = p["cnt"].tolist(), p["inline"]
+                calls = c[-1]
+                assert calls == 2 and c[-2] == 0 and c[-3] == calls * int(i2[0, 6])
+                need = {int(r[0]): int(r[5]) for r in i2.tolist()}
+                assert all(c[q] == calls * v for q, v in need.items())
+        # back-to-back calls with no host synchronisation: each starts on the counters the last one reset
+        xs = [torch.randn(M, K, dtype=f64) for _ in range(6)]
+        ys = [Lg.tiles_forward(xi.to("cuda", dt), use_triton=True, config={"PDL": "always"}) for xi in xs]
+        for xi, yi in zip(xs, ys):
+            ref = xi @ W.T + b
+            assert ((yi.double().cpu() - ref).norm() / ref.norm()) < 1e-2, (K, N, s, T, M, dt, "back to back")
 
 
 @pytest.mark.triton_interpret

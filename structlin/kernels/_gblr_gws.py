@@ -90,10 +90,14 @@ def _producer(a_desc, b_desc, jobs_ptr, jptr_ptr, steps_ptr, cnt_ptr, NCNT, a_bu
     pid = gl.program_id(0)
     j0 = gl.load(jptr_ptr + pid)
     j1 = gl.load(jptr_ptr + pid + 1)
-    if ROLE == 2:       # the first job's row-block count and the total count, read ahead
+    if ROLE == 2:
+        # the counts only grow: this is call E + 1 on them (E written by the previous call's last program), so a
+        # count is complete at E + 1 times its need (int32 arithmetic wraps alike on both sides)
+        e1 = _ld_acquire(cnt_ptr + NCNT + 2) + 1
+        total = gl.load(jobs_ptr + 8 * j0 + 6, mask=j0 < j1, other=0) * e1
+        # the first job's row-block count and the total count, read ahead
         got = _ld_acquire(cnt_ptr + gl.load(jobs_ptr + 8 * j0, mask=j0 < j1, other=0))
         tot = _ld_acquire(cnt_ptr + NCNT)
-        total = gl.load(jobs_ptr + 8 * j0 + 6, mask=j0 < j1, other=0)
         waiting = 1
     p = 0
     for j in range(j0, j1):
@@ -103,11 +107,11 @@ def _producer(a_desc, b_desc, jobs_ptr, jptr_ptr, steps_ptr, cnt_ptr, NCNT, a_bu
         bcol = gl.load(jobs_ptr + 8 * j + 3)
         if ROLE == 2:   # wait until every stage-1 half-tile of this row block is published (acquire loads)
             if waiting == 1:
-                if tot >= total:            # all of stage 1 is: no more waits in this program
+                if tot - total >= 0:        # all of stage 1 is: no more waits in this program
                     waiting = 0
                 else:
-                    need = gl.load(jobs_ptr + 8 * j + 5)
-                    while got < need:
+                    need = gl.load(jobs_ptr + 8 * j + 5) * e1
+                    while got - need < 0:
                         got = _ld_acquire(cnt_ptr + rb)
                     # the next job's count and the total, read while this job streams (acquires: they order
                     # that job's reads)
@@ -125,11 +129,11 @@ def _producer(a_desc, b_desc, jobs_ptr, jptr_ptr, steps_ptr, cnt_ptr, NCNT, a_bu
             _tma_load(a_desc, [row, ac], ready.index(slot), a_bufs.index(slot))
             _tma_load(b_desc, [br, bcol], ready.index(slot), b_bufs.index(slot))
             p += 1
-    if ROLE == 2:       # the last program past all its waits resets the counters for the next call (and replay)
+    if ROLE == 2:       # the last program past all its waits (all have read E) counts the call: E + 1
         left = gl.atomic_add(cnt_ptr + NCNT + 1, 1, sem="acq_rel", scope="gpu")
         if left == gl.num_programs(0) - 1:
-            for i in range(0, NCNT + 2):
-                gl.store(cnt_ptr + i, 0)
+            gl.store(cnt_ptr + NCNT + 1, 0)
+            gl.store(cnt_ptr + NCNT + 2, e1)
 
 
 @gluon.jit
@@ -239,14 +243,15 @@ def stage(a, b, c, bias, jobs8, jptr, steps, BM: int, BN: int, BK: int, n_out: i
     (+ bias), one program per SM. a, b, c: fp16/bf16 with 16-byte aligned rows; BM even.
 
     A dependent pair (stage 1 with role 1, then stage 2 with role 2 on the same int32 counters `cnt`: one per
-    stage-2 row block and a last one of programs done, all zero between calls): stage 1 publishes each stored
-    half-tile on counter jobs8[j, 5]; stage 2 is a programmatic dependent launch whose programs start as stage
-    1's leave their SMs, and a job waits for jobs8[j, 5] publications on its row block's counter; the last
-    program to finish resets the counters."""
+    stage-2 row block, the total, programs done, calls done; all zero at first): stage 1 publishes each stored
+    half-tile on counter jobs8[j, 5] and the total; stage 2 is a programmatic dependent launch whose programs
+    start as stage 1's leave their SMs, and in call E + 1 a job waits for (E + 1)·jobs8[j, 5] publications
+    on its row block's counter, none once the total reaches (E + 1)·jobs8[j, 6]; its last program to finish
+    counts the call."""
     if nprog is None:
         nprog = sm_count(a.device, 4)
     _gws_kernel[(nprog,)](_desc(a, [BM, BK]), _desc(b, [BK, BN]), _desc(c, [BM // 2, BN]),
                           bias if bias is not None else c, jobs8, jptr, steps, cnt if cnt is not None else jptr,
-                          0 if cnt is None else cnt.numel() - 2, n_out, HAS_BIAS=bias is not None, NBUF=nbuf, ROLE=role, num_warps=4,
+                          0 if cnt is None else cnt.numel() - 3, n_out, HAS_BIAS=bias is not None, NBUF=nbuf, ROLE=role, num_warps=4,
                           **({"launch_pdl": True} if role == 2 else {}))
     return c

@@ -196,7 +196,7 @@ def _plan(M, tabs, tile, rank, kp, cfg, nprog, device):
         return ent
     inline = [(gws.inline_jobs(jobs, sp), jptr) for (jobs, jptr, _), sp in zip(stages, lists[::2])]
     (_, _, rows1, _, ends1, done1), (jobs2, lens2, rows2, _, ends2, _) = sims
-    if cfg.get("PDL") and BM2 % BM1 == 0:
+    if cfg.get("PDL") and cfg.get("GLUON", True) and BM2 % BM1 == 0:
         order2, jptr2, need, span = dependent_plan(rows1, ends1, done1, lens2, rows2, BM2 // BM1,
                                                    triton.cdiv(M, BM2), nprog, gws.PUBLISHERS,
                                                    group=max(1, cfg["G"] * 128 // BM2))
@@ -212,8 +212,8 @@ def _plan(M, tabs, tile, rank, kp, cfg, nprog, device):
             i2[:, 5] = t(need)[j2[:, 0].long()]
             i2[:, 6] = sum(need)
             inline[1] = (i2, t(jptr2))
-            # one count per stage-2 row block, the total, the programs done (the kernels leave them at zero)
-            ent["cnt"] = torch.zeros(len(need) + 2, dtype=torch.int32, device=device)
+            # one count per stage-2 row block, the total, programs done, calls done (`_gblr_gws.stage`)
+            ent["cnt"] = torch.zeros(len(need) + 3, dtype=torch.int32, device=device)
     ent["inline"] = inline
     return ent
 
@@ -266,6 +266,8 @@ def gblr_forward_ws(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int
         nprog = sm_count(x.device, 4)
     kp = triton.cdiv(K, T) * T
     # the plan depends on M only through the row-block counts: one plan serves every M of the same blocks
+    # (not per stream: CUDA-graph capture runs on a side stream and must find the plan warmed up outside it; so
+    # one layer must not run on two streams at the same time — a dependent pair's counters serve one call)
     key = ("ws", triton.cdiv(M, cfg["BM1"]), triton.cdiv(M, cfg["BM2"]), nprog, repr(sorted(cfg.items())), x.device)
     ent = None if cache is None else cache.pop(key, None)
     if ent is None:
@@ -288,11 +290,13 @@ def gblr_forward_ws(x, w_in, w_out, tabs: dict, tile: int, rank: int, n_out: int
             gws.stage(x, w_in, h, None, i1, q1, st1, BM1, BN1, BK, HC, ns, nprog, cnt, 0 if cnt is None else 1)
             return gws.stage(h, w_out, y, bias, i2, q2, st2, BM2, BN2, BK, n_out, ns, nprog, cnt,
                              0 if cnt is None else 2)
-        except Exception as e:      # a Triton whose Gluon API differs: say so once, then the Triton kernel
+        except BaseException as e:  # a Triton whose Gluon API differs: say so once, then the Triton kernel
+            if cnt is not None:     # stage 1 may have run without stage 2: start the counts afresh
+                cnt.zero_()
+            if not isinstance(e, Exception):
+                raise
             global _GWS
             _GWS = None
-            if cnt is not None:     # stage 1 may have run (its counts are never read: Gluon is off from now)
-                cnt.zero_()
             warnings.warn(f"gblr: the Gluon stage kernel does not compile with Triton {triton.__version__} "
                           f"({type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}); using the Triton "
                           "kernel (pass config={'GLUON': False} to skip the attempt)", RuntimeWarning, stacklevel=3)
