@@ -369,8 +369,8 @@ def test_ws_kernel_on_gpu():
     """On the GPU (the default path there, the Gluon stage kernel where Triton has Gluon — as the dependent
     pair, forced, and as two launches — and the Triton one): bias, fp16 and bf16, M not a multiple of the row
     tiles, K ending in a partial tile, a wrapping input box, tile 256 (stage-2 tiles of 128 rows); against a
-    float64 reference on fresh inputs, outputs poisoned first, each kernel called twice (the pair's counters
-    must be back at zero)."""
+    float64 reference on fresh inputs, outputs poisoned first, each kernel called twice (the pair's counts must
+    have grown by exactly two calls), then back-to-back calls of the pair with no host synchronisation."""
     from structlin.kernels import _gblr_ws as KW
     for (K, N, s, T, C), M, dt in (((1000, 768, 64, 128, 5), 300, torch.bfloat16),
                                    ((1000, 768, 64, 128, 5), 1000, torch.float16),

@@ -25,8 +25,9 @@ layer at M = 4096: 96.4–97.0 µs against 101.5–102.1 for two launches, NOTES
     fence, relaxed increments — two k-steps into its next job, so the store has completed by then;
   * stage 2's producer waits (acquire loads, the next job's read one job ahead) until a job's row block has
     all its publications, then orders them before its TMA reads with a proxy fence; once the total count is
-    complete it stops waiting. The last program to finish zeroes the counters for the next call (and CUDA
-    graph replays).
+    complete it stops waiting. The counts are never reset (a reset could race with a publication still in
+    flight): they grow by the same amounts every call and stage 2's last program to finish counts the call,
+    so each call (and CUDA-graph replay) waits for its own multiple. All zero is a valid fresh state.
 
 Gluon has no interpreter: the CPU (and the tests without a Hopper GPU) run the Triton kernel of `_gblr_ws`.
 
@@ -252,6 +253,6 @@ def stage(a, b, c, bias, jobs8, jptr, steps, BM: int, BN: int, BK: int, n_out: i
         nprog = sm_count(a.device, 4)
     _gws_kernel[(nprog,)](_desc(a, [BM, BK]), _desc(b, [BK, BN]), _desc(c, [BM // 2, BN]),
                           bias if bias is not None else c, jobs8, jptr, steps, cnt if cnt is not None else jptr,
-                          0 if cnt is None else cnt.numel() - 3, n_out, HAS_BIAS=bias is not None, NBUF=nbuf, ROLE=role, num_warps=4,
-                          **({"launch_pdl": True} if role == 2 else {}))
+                          0 if cnt is None else cnt.numel() - 3, n_out, HAS_BIAS=bias is not None, NBUF=nbuf,
+                          ROLE=role, num_warps=4, **({"launch_pdl": True} if role == 2 else {}))
     return c

@@ -188,23 +188,21 @@ def _plan(M, tabs, tile, rank, kp, cfg, nprog, device):
         jobs, lens, rows = _jobs(M, BM, BN, sptr, ocols, nsub)
         order, jptr, bal, ends, done = schedule(lens, rows, nprog, max(1, cfg["G"] * 128 // BM))
         stages.append((t([jobs[j] for j in order]).reshape(-1, 4), t(jptr), bal))
-        sims.append((jobs, lens, rows, order, ends, done))
+        sims.append((jobs, lens, rows, ends, done))
     lists = (t(sp1), t(st1), t(sp2), t(st2))
     ent = {"stages": stages, "lists": lists}
     gws = gluon_stage() if device.type == "cuda" else None
     if gws is None:
         return ent
     inline = [(gws.inline_jobs(jobs, sp), jptr) for (jobs, jptr, _), sp in zip(stages, lists[::2])]
-    (_, _, rows1, _, ends1, done1), (jobs2, lens2, rows2, _, ends2, _) = sims
+    (_, _, rows1, ends1, done1), (jobs2, lens2, rows2, ends2, _) = sims
     if cfg.get("PDL") and cfg.get("GLUON", True) and BM2 % BM1 == 0:
         order2, jptr2, need, span = dependent_plan(rows1, ends1, done1, lens2, rows2, BM2 // BM1,
                                                    triton.cdiv(M, BM2), nprog, gws.PUBLISHERS,
                                                    group=max(1, cfg["G"] * 128 // BM2))
-        # simulated steps per SM: two launches (the second starts a launch latency after the first's last
-        # program ends) against the dependent pair; the pair where it is not slower
-        two = max(ends1, default=0.0) + 2.0 + max(ends2, default=0.0)
-        ent["sim_steps"] = (two, span)
-        if span <= two or cfg["PDL"] == "always":
+        # the pair where it is not slower (simulated) than two launches, the second starting a launch latency
+        # after the first's last program ends
+        if span <= max(ends1, default=0.0) + LATENCY + max(ends2, default=0.0) or cfg["PDL"] == "always":
             i1 = inline[0][0]
             i1[:, 5] = stages[0][0][:, 0] // (BM2 // BM1)     # stage 1 publishes on its stage-2 row block
             j2 = t([jobs2[j] for j in order2]).reshape(-1, 4)
@@ -218,8 +216,11 @@ def _plan(M, tabs, tile, rank, kp, cfg, nprog, device):
     return ent
 
 
+LATENCY = 2.0       # steps from a program's end to the next launch's program on its SM (simulated)
+
+
 def dependent_plan(rows1, ends1, done1, lens2, rows2, ratio: int, nrb2: int, nprog: int, publishers: int,
-                   publish: float = 1.0, latency: float = 2.0, group: int = 1):
+                   publish: float = 1.0, latency: float = LATENCY, group: int = 1):
     """Stage 2 as a dependent launch (steps as the time unit, as in `schedule`): its program i starts
     `latency` after stage 1's i-th program to finish (the block scheduler hands a left SM to the next waiting
     program in order), and a job no earlier than its row block's stage-1 tiles (row blocks ratio·q ..

@@ -20,10 +20,10 @@ launches (`gblr_forward_ws`, `_gblr_ws`): one program per SM walks a host-schedu
 warp streams the next job's tiles, so the short jobs of a block structure do not each pay a pipeline fill.
 Each stage runs the Gluon kernel with explicit partitions (`_gblr_gws`) where Triton has Gluon's Hopper API,
 otherwise (and under the CPU interpreter) the Triton kernel of `_gblr_ws`. With Gluon, stage 2 is by default
-a dependent launch that starts on the SMs stage 1 leaves and waits per row block for the tiles it reads. Elsewhere on CUDA it runs both
-stages in one launch (`gblr_forward`, the fused kernel in `_gblr_triton`): stage-2 jobs of a row block wait
-on counters of that row block's stage-1 jobs. `chunk_gemm` is the
-one-stage building block (and the CPU / torch reference path).
+a dependent launch that starts on the SMs stage 1 leaves and waits per row block for the tiles it reads.
+Elsewhere on CUDA it runs both stages in one launch (`gblr_forward`, the fused kernel in `_gblr_triton`):
+stage-2 jobs of a row block wait on counters of that row block's stage-1 jobs. `chunk_gemm` is the one-stage
+building block (and the CPU / torch reference path).
 """
 from __future__ import annotations
 
